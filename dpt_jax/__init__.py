@@ -1,0 +1,12 @@
+"""dpt-jax: Discriminative Probing and Tuning (DPT, CVPR 2024) for Stable Diffusion in JAX/Flax."""
+__version__ = "0.1.0"
+
+
+def load_pretrained(path, dtype=None, param_dtype=None, variant=None):
+    """Load a local diffusers-format Stable Diffusion directory: see :mod:`dpt_jax.pipeline`."""
+    import jax.numpy as jnp
+    from dpt_jax.pipeline import load_pretrained as _load
+    return _load(path, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32, variant=variant)
+
+
+__all__ = ["load_pretrained", "__version__"]

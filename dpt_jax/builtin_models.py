@@ -1,0 +1,108 @@
+"""Models named ``builtin:NAME``: built by this package, with no download and no torch.
+
+``tiny-random``: a four-block SD-2.x-style U-Net, a two-level VAE and a two-layer CLIP text
+encoder with random weights, made in Flax and saved as a diffusers directory under the cache
+folder (``$DPT_JAX_CACHE`` or ``~/.cache/dpt_jax``). Tests and the tiny configs use it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpt_jax import testing, weights
+
+BUILDERS = ("tiny-random",)
+
+
+def cache_dir() -> str:
+    return os.environ.get("DPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dpt_jax"))
+
+
+def ensure(name: str) -> str:
+    """The directory of builtin model ``name``, built on first use."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown builtin model {name!r}: expected one of {', '.join(BUILDERS)}")
+    folder = os.path.join(cache_dir(), name)
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        tmp = f"{folder}.tmp{os.getpid()}"
+        build_random_sd(tmp, seed=0)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        if not os.path.isdir(folder):  # another process may have won the race
+            os.replace(tmp, folder)
+    return folder
+
+
+def _dump(path: str, data: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def text_encoder_config(vocab_size: int, width: int, layers: int = 2, heads: int = 4,
+                        act: str = "gelu") -> Dict[str, Any]:
+    return dict(architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=vocab_size,
+                hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77, hidden_act=act,
+                layer_norm_eps=1e-5, projection_dim=width, bos_token_id=vocab_size - 2,
+                eos_token_id=vocab_size - 1, pad_token_id=0, torch_dtype="float32")
+
+
+def vae_config(width: int = 16, levels: int = 2) -> Dict[str, Any]:
+    return dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
+                layers_per_block=1, block_out_channels=[width * 2 ** min(i, 1) for i in range(levels)],
+                norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * levels,
+                up_block_types=["UpDecoderBlock2D"] * levels, act_fn="silu", sample_size=32,
+                scaling_factor=0.18215)
+
+
+def write_sd_dir(folder: str, unet_config: Dict[str, Any], vae_cfg: Dict[str, Any],
+                 text_config: Dict[str, Any], params: Dict[str, Any], words=testing.WORDS) -> str:
+    """Save Flax parameters as a diffusers pipeline directory (the layout diffusers writes)."""
+    testing.write_clip_tokenizer(os.path.join(folder, "tokenizer"), words, pad_token="!")
+    _dump(os.path.join(folder, "unet", "config.json"), dict(_class_name="UNet2DConditionModel", **unet_config))
+    _dump(os.path.join(folder, "vae", "config.json"), vae_cfg)
+    _dump(os.path.join(folder, "text_encoder", "config.json"), text_config)
+    _dump(os.path.join(folder, "scheduler", "scheduler_config.json"),
+          dict(_class_name="DDIMScheduler", prediction_type="epsilon", **testing.SD_SCHEDULER))
+    _dump(os.path.join(folder, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
+    for component, filename in (("unet", "diffusion_pytorch_model.safetensors"),
+                                ("vae", "diffusion_pytorch_model.safetensors"),
+                                ("text_encoder", "model.safetensors")):
+        state = weights.params_to_state_dict(jax.device_get(params[component]))
+        weights.save_safetensors({k: v.astype(np.float32) for k, v in state.items()},
+                                 os.path.join(folder, component, filename), metadata={"format": "pt"})
+    return folder
+
+
+def build_random_sd(folder: str, seed: int = 0, text_width: int = 32, unet_width: int = 32) -> str:
+    """Initialise a tiny SD-2.x-style model in Flax and save it in diffusers format."""
+    from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from dpt_jax.models.vae import AutoencoderKL, VAEConfig
+
+    vocab_size = testing.write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token="!")
+    unet_cfg = testing.tiny_unet_config("sd2", unet_width, text_width)
+    unet_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()}
+    text_cfg = text_encoder_config(vocab_size, text_width)
+    vae_cfg = vae_config()
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_cfg))
+    vae = AutoencoderKL(VAEConfig.from_dict(vae_cfg))
+    text = CLIPTextModel(CLIPTextConfig.from_dict(text_cfg))
+    init = lambda module, key, *args: jax.jit(module.init)(key, *args)["params"]  # jit: eager init is slow
+    params = {
+        "unet": init(unet, keys[0], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, text_width))),
+        "vae": init(vae, keys[1], jnp.zeros((1, 16, 16, 3))),
+        "text_encoder": init(text, keys[2], jnp.zeros((1, 77), jnp.int32)),
+    }
+    return write_sd_dir(folder, unet_cfg, vae_cfg, text_cfg, params)

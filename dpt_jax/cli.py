@@ -1,0 +1,57 @@
+"""``dpt-jax`` command line: ``dpt-jax <command> [flags]``.
+
+    dpt-jax train --config configs/probe_tiny.py --workdir W [--config.key=value ...]
+    dpt-jax generate --checkpoint W --prompt "a red square" --out OUT
+    dpt-jax export --checkpoint W --out DIR [--merged]
+    dpt-jax bench [--tiny]
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, List, Optional
+
+
+def _train(argv: List[str]) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(_):
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+        from dpt_jax.train import train
+        train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    app.run(main, argv=argv)
+
+
+def _lazy(module: str, function: str = "main") -> Callable[[List[str]], None]:
+    def run(argv: List[str]) -> None:
+        import importlib
+        getattr(importlib.import_module(module), function)(argv[1:])
+    return run
+
+
+COMMANDS: Dict[str, Callable[[List[str]], None]] = {
+    "train": _train,
+    "generate": _lazy("dpt_jax.generate"),
+    "export": _lazy("dpt_jax.export"),
+    "bench": _lazy("dpt_jax.bench"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}")
+        raise SystemExit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help") else 2)
+    command = argv[1]
+    COMMANDS[command]([f"dpt-jax {command}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""PNG writing: single images and grids."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    from PIL import Image
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+
+
+def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> one uint8 image, ``columns`` wide (default: about square)."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = image
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str, columns: Optional[int] = None) -> None:
+    save_png(make_grid(images, columns), path)

@@ -1,0 +1,109 @@
+"""LoRA for the Flax U-Net: a small tree of low-rank factors beside the frozen weights.
+
+The LoRA tree mirrors the U-Net parameter tree, holding ``{"lora_A", "lora_B"}`` for each
+targeted Linear / Conv2d. It is passed to the U-Net as the ``lora`` variable collection
+(after :func:`lora_variables` multiplies B by alpha / rank); the layers add ``(x A) B``, so the
+frozen kernels never enter the optimizer and no dense ``W + AB`` is formed while training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpt_jax.weights import _flatten, _unflatten, path_to_torch_key
+
+Params = Dict[str, Any]
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which modules get LoRA and its size. ``targets`` match diffusers module names the way
+    PEFT's ``target_modules`` do (a name equals the target or ends with ``.target``);
+    ``target_regex``, if set, must match the whole dotted module name instead."""
+    rank: int = 4
+    alpha: float = 4.0
+    targets: Tuple[str, ...] = DEFAULT_TARGETS
+    target_regex: Optional[str] = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def matches(self, module_name: str) -> bool:
+        if self.target_regex:
+            return re.fullmatch(self.target_regex, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in self.targets)
+
+
+def target_modules(unet_params: Mapping[str, Any], spec: LoraSpec) -> Dict[str, Tuple[str, ...]]:
+    """diffusers module name -> Flax module path of every Linear / Conv2d kernel LoRA targets."""
+    found = {}
+    for path in _flatten(unet_params):
+        if path[-1] != "kernel":
+            continue
+        name = path_to_torch_key(path[:-1])
+        if spec.matches(name):
+            found[name] = path[:-1]
+    if not found:
+        raise ValueError(f"LoRA targets {spec.targets or spec.target_regex} match no Linear or Conv2d "
+                         "module of the U-Net")
+    return found
+
+
+def init_lora(unet_params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> Params:
+    """A at PEFT's kaiming-uniform(a=sqrt(5)) init, B at zero: the LoRA U-Net starts as the base."""
+    flat = _flatten(unet_params)
+    modules = target_modules(unet_params, spec)
+    keys = jax.random.split(rng, len(modules))
+    out = {}
+    for key, (name, path) in zip(keys, sorted(modules.items())):
+        kernel = flat[path + ("kernel",)]
+        if len(kernel.shape) == 2:  # Linear [in, out]
+            fan_in, a_shape, b_shape = kernel.shape[0], (kernel.shape[0], spec.rank), (spec.rank, kernel.shape[1])
+        else:  # Conv2d HWIO: A keeps the kernel window, B is 1x1
+            kh, kw, cin, cout = kernel.shape
+            fan_in, a_shape, b_shape = kh * kw * cin, (kh, kw, cin, spec.rank), (1, 1, spec.rank, cout)
+        bound = 1.0 / np.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
+        out[path + ("lora_A",)] = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+        out[path + ("lora_B",)] = jnp.zeros(b_shape, jnp.float32)
+    return _unflatten(out)
+
+
+def lora_variables(lora: Params, spec: LoraSpec) -> Params:
+    """The ``lora`` collection the layers read: B carries alpha / rank."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * spec.scale if path[-1].key == "lora_B" else x, lora)
+
+
+def _delta(a: jax.Array, b: jax.Array) -> jax.Array:
+    if a.ndim == 2:
+        return a @ b
+    return jnp.einsum("hwir,ro->hwio", a, b[0, 0])
+
+
+def merge_lora(unet_params: Params, lora: Params, spec: LoraSpec) -> Params:
+    """Base weights with ``scale * A B`` added: a plain U-Net for sampling and export."""
+    flat = dict(_flatten(unet_params))
+    for path, factors in _modules_of(lora):
+        key = path + ("kernel",)
+        kernel = flat[key]
+        flat[key] = (kernel.astype(jnp.float32) + spec.scale * _delta(factors["lora_A"], factors["lora_B"])
+                     ).astype(kernel.dtype)
+    return _unflatten(flat)
+
+
+def _modules_of(lora: Params) -> Iterable[Tuple[Tuple[str, ...], Dict[str, jax.Array]]]:
+    modules: Dict[Tuple[str, ...], Dict[str, jax.Array]] = {}
+    for path, value in _flatten(lora).items():
+        modules.setdefault(path[:-1], {})[path[-1]] = value
+    return sorted(modules.items())
+
+
+def lora_module_names(lora: Params) -> Sequence[str]:
+    return [path_to_torch_key(path) for path, _ in _modules_of(lora)]

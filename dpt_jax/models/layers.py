@@ -1,0 +1,163 @@
+"""Shared building blocks of the Flax Stable Diffusion modules.
+
+Every module here is named so that its parameter path mirrors the diffusers / transformers
+PyTorch state-dict key (``down_blocks.0.attentions.1.to_q.weight`` lives at
+``params/down_blocks_0/attentions_1/to_q/kernel``); :mod:`dpt_jax.weights` relies on that.
+
+``Linear`` and ``Conv2d`` read optional LoRA factors from the ``lora`` variable collection
+(``lora_A``, ``lora_B``, already multiplied by alpha / rank): the frozen base weights stay in
+``params`` and the low-rank update is applied as two thin matmuls, never as a dense delta.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+LORA = "lora"
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear`` (kernel stored [in, out]) with an optional LoRA branch."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                            self.param_dtype)
+        x = x.astype(self.dtype)
+        out = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            out = out + bias.astype(self.dtype)
+        if self.has_variable(LORA, "lora_A"):
+            a = self.get_variable(LORA, "lora_A").astype(self.dtype)
+            b = self.get_variable(LORA, "lora_B").astype(self.dtype)
+            out = out + jnp.dot(jnp.dot(x, a), b)
+        return out
+
+
+class Conv2d(nn.Module):
+    """``torch.nn.Conv2d`` on NHWC input (kernel stored HWIO) with an optional LoRA branch.
+
+    LoRA follows PEFT's conv layout: ``lora_A`` is a conv with this layer's kernel size,
+    stride and padding into ``r`` channels, ``lora_B`` a 1x1 conv back to ``features``.
+    """
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _conv(self, x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            x, kernel.astype(self.dtype), window_strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+                            self.param_dtype)
+        x = x.astype(self.dtype)
+        out = self._conv(x, kernel, self.stride, self.padding)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            out = out + bias.astype(self.dtype)
+        if self.has_variable(LORA, "lora_A"):
+            a = self.get_variable(LORA, "lora_A")
+            b = self.get_variable(LORA, "lora_B")
+            out = out + self._conv(self._conv(x, a, self.stride, self.padding), b, 1, 0)
+        return out
+
+
+class GroupNorm(nn.Module):
+    """``torch.nn.GroupNorm`` on channels-last input, statistics in float32."""
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        shape = x.shape
+        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = xf.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+        xf = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        return (xf * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm`` over the last axis, statistics in float32."""
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        xf = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            xf = xf * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            xf = xf + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        return xf.astype(self.dtype)
+
+
+def _cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
+    # cuDNN fused attention rejects short, odd key lengths such as CLIP's 77 tokens
+    # ("Unsupported sequence length Q 4096, KV 77"); it is used for self-attention only.
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[1] == k.shape[1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
+              mask: Optional[jax.Array] = None, implementation: Optional[str] = None) -> jax.Array:
+    """Multi-head scaled dot-product attention, ``q, k, v``: [batch, length, heads, head_dim].
+
+    The one attention function of the U-Net, VAE and text encoder. ``implementation`` None
+    picks cuDNN's fused kernel on GPU where the shapes allow it and XLA otherwise.
+    ``upcast`` runs the product and softmax in float32 (diffusers' ``upcast_attention``).
+    ``mask``: boolean, broadcastable to [batch, heads, q_len, k_len], True = attend.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    if implementation is None:
+        implementation = "cudnn" if mask is None and _cudnn_supports(q, k) else "xla"
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out.astype(dtype)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, max_period: float = 10000.0) -> jax.Array:
+    """diffusers' ``get_timestep_embedding`` (sinusoidal, float32): [B] -> [B, dim]."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb

@@ -1,0 +1,300 @@
+"""One train loop for both DPT stages (the stage is a config choice):
+
+- ``probe``: the adapter on the frozen U-Net, run only up to its tap;
+- ``tune``: LoRA on the U-Net plus the adapter, with the denoising loss on the positive pair.
+
+Data parallel over a (data, fsdp) mesh: the batch is sharded, trainable parameters replicated,
+the step is one ``jax.jit``. Checkpoints (orbax) under ``WORKDIR/checkpoints/<step>/`` hold the
+step, parameters, optimizer state and RNG; the data order is a function of the step, so the
+same command on the same workdir resumes exactly.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dpt_jax import checkpoints, parallel
+from dpt_jax.data import batches
+from dpt_jax.lora import LoraSpec, init_lora
+from dpt_jax.metrics import MetricWriter
+from dpt_jax.models.adapter import DiscriminativeAdapter
+from dpt_jax.objective import Objective, dpt_losses
+from dpt_jax.pipeline import StableDiffusion, load_pretrained
+
+Params = Dict[str, Any]
+STAGES = ("probe", "tune")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params          # {"adapter": ..., "lora": ...}: the only trainable arrays
+    opt_state: Any
+    rng: jax.Array          # base key: per-sample noise is keyed by the sample id
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+
+
+def build_adapter(config: ml_collections.ConfigDict, sd: StableDiffusion) -> DiscriminativeAdapter:
+    a = config.adapter
+    return DiscriminativeAdapter(
+        clip_dim=sd.text_width, text_width=sd.text_width, d_model=a.d_model, num_heads=a.num_heads,
+        ffn_dim=a.ffn_dim, dropout=a.dropout, num_encoder_layers=a.num_encoder_layers,
+        num_decoder_layers=a.num_decoder_layers, num_itm_queries=a.num_itm_queries,
+        num_rec_queries=a.num_rec_queries, fusion=a.fusion, fusion_size=a.fusion_size, taps=tuple(a.taps),
+        dtype=compute_dtype(config))
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> Optional[LoraSpec]:
+    if config.stage != "tune":
+        return None
+    lc = config.lora
+    return LoraSpec(rank=lc.rank, alpha=float(lc.alpha if lc.alpha else lc.rank), targets=tuple(lc.targets),
+                    target_regex=lc.get("target_regex") or None)
+
+
+def build_objective(config: ml_collections.ConfigDict, sd: StableDiffusion) -> Objective:
+    if config.stage not in STAGES:
+        raise ValueError(f"config.stage={config.stage!r}: expected one of {STAGES}")
+    return Objective(sd=sd, adapter=build_adapter(config, sd), taps=tuple(config.adapter.taps),
+                     lora=lora_spec(config), denoising=config.stage == "tune",
+                     itm_weight=config.loss.itm, rec_weight=config.loss.rec, mse_weight=config.loss.mse,
+                     min_snr_gamma=config.loss.get("min_snr_gamma"))
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    o = config.optim
+    if o.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+                                    [o.warmup_steps]) if o.warmup_steps else optax.constant_schedule(o.lr)
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, max(config.num_steps, o.warmup_steps + 1))
+    raise ValueError(f"config.optim.schedule={o.schedule!r}: expected 'constant' or 'cosine'")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = config.optim
+    adamw = optax.chain(optax.clip_by_global_norm(o.clip),
+                        optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    if config.get("train_adapter", True):
+        return adamw
+    # Stage 2 with a fixed adapter: only LoRA moves.
+    return optax.multi_transform({"train": adamw, "fixed": optax.set_to_zero()},
+                                 lambda params: {k: jax.tree_util.tree_map(
+                                     lambda _: "fixed" if k == "adapter" else "train", v) for k, v in params.items()})
+
+
+def init_adapter_params(obj: Objective, sd: StableDiffusion, rng: jax.Array, latent_size: int) -> Params:
+    """Adapter parameters from shapes alone (the taps are traced, not computed)."""
+    latents = jnp.zeros((1, latent_size, latent_size, sd.unet.config.in_channels))
+    hidden = jnp.zeros((1, 77, sd.text_width))
+    tap_shapes = jax.eval_shape(lambda p: sd.unet.apply({"params": p}, latents, jnp.zeros((1,), jnp.int32), hidden,
+                                                        taps=obj.taps, return_eps=False)[1], sd.unet_params)
+    features = {k: jnp.zeros(v.shape, jnp.float32) for k, v in tap_shapes.items()}
+    features = features[obj.taps[0]] if len(obj.taps) == 1 else features
+    return obj.adapter.init({"params": rng}, features, jnp.zeros((1,)), text_tokens=hidden,
+                            deterministic=True)["params"]
+
+
+def latent_size(config: ml_collections.ConfigDict, sd: StableDiffusion) -> int:
+    return config.data.image_size // 2 ** (len(sd.vae.config.block_out_channels) - 1)
+
+
+def init_state(config: ml_collections.ConfigDict, sd: StableDiffusion, obj: Objective,
+               optimizer: optax.GradientTransformation) -> TrainState:
+    rng = jax.random.PRNGKey(config.seed)
+    adapter_rng, lora_rng, base_rng = jax.random.split(rng, 3)
+    params = {"adapter": init_adapter_params(obj, sd, adapter_rng, latent_size(config, sd)), "lora": {}}
+    if config.get("init_from"):
+        params["adapter"] = checkpoints.restore_adapter(config.init_from, params["adapter"])
+    if obj.lora is not None:
+        params["lora"] = init_lora(sd.unet_params, obj.lora, lora_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=base_rng)
+
+
+def _micro_batches(batch: Dict[str, jax.Array], k: int) -> Dict[str, jax.Array]:
+    # Micro-batch i takes rows i, i+k, ...: each device keeps its own rows, no resharding.
+    return jax.tree_util.tree_map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(obj: Objective, optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
+               state: TrainState, frozen: Params, batch: Dict[str, jax.Array]) -> Tuple[TrainState, Dict[str, jax.Array]]:
+    """One optimizer step over ``grad_accum`` micro-batches; a non-finite loss skips the update."""
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
+    grad_fn = jax.value_and_grad(functools.partial(dpt_losses, obj), has_aux=True)
+
+    def accumulate(grads, xs):
+        micro, index = xs
+        (_, metrics), g = grad_fn(state.params, frozen, micro, state.rng, jax.random.fold_in(dropout_rng, index))
+        return jax.tree_util.tree_map(jnp.add, grads, g), metrics
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    grads, metrics = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, grad_accum), jnp.arange(grad_accum)))
+    grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
+    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step), finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+
+def eval_step(obj: Objective, state: TrainState, frozen: Params, batch: Dict[str, jax.Array],
+              timestep: int = 500) -> Dict[str, jax.Array]:
+    """Losses and ITM accuracies at a fixed timestep without dropout (the evaluation protocol)."""
+    eval_rng = jax.random.fold_in(state.rng, 2)
+    return dpt_losses(obj, state.params, frozen, batch, eval_rng, None, timestep)[1]
+
+
+def make_dataset(config: ml_collections.ConfigDict, split: str):
+    d = config.data
+    if d.name != "shapes":
+        raise ValueError(f"config.data.name={d.name!r}: the trainer reads 'shapes' (see dpt_jax/data)")
+    from dpt_jax.data.shapes import ShapesDataset
+    size = d.train_size if split == "train" else d.val_size
+    return ShapesDataset(split=split, size=size, image_size=d.image_size, seed=d.seed)
+
+
+class Trainer:
+    """Everything a run holds: model, mesh, jitted step, checkpoints and metric writers."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.mesh = parallel.make_mesh(fsdp=config.get("fsdp", 1))
+        parallel.check_divisible(config.batch_size, self.mesh)
+        if config.batch_size % (config.grad_accum * parallel.num_batch_shards(self.mesh)):
+            raise ValueError(f"batch_size={config.batch_size} must split into grad_accum={config.grad_accum} "
+                             f"micro-batches over {parallel.num_batch_shards(self.mesh)} devices")
+        param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("frozen_dtype", "float32")]
+        self.sd = load_pretrained(config.pretrained, dtype=compute_dtype(config), param_dtype=param_dtype)
+        self.objective = build_objective(config, self.sd)
+        self.schedule = learning_rate(config)
+        self.optimizer = make_optimizer(config)
+        self.frozen = parallel.shard_frozen(self.sd.frozen_params(), self.mesh)
+        self.train_data = make_dataset(config, "train")
+        self.val_data = make_dataset(config, "val")
+        replicated, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
+        step = functools.partial(train_step, self.objective, self.optimizer, self.schedule, config.grad_accum)
+        self.step_fn = jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+        self.eval_fn = jax.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)
+        self.ckpt = checkpoints.Manager(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                                        config.keep_checkpoints)
+
+    def initial_state(self) -> TrainState:
+        state = jax.jit(lambda: init_state(self.config, self.sd, self.objective, self.optimizer),
+                        out_shardings=parallel.replicated(self.mesh))()
+        restored = self.ckpt.restore_latest(state)
+        return restored if restored is not None else state
+
+    def global_batch(self, step: int) -> Dict[str, jax.Array]:
+        local = batches.batch_at(self.train_data, self.sd.tokenizer, step, self.config.batch_size,
+                                 self.config.data.seed, jax.process_index(), jax.process_count())
+        return parallel.global_batch(local, self.mesh)
+
+    def evaluate(self, state: TrainState) -> Dict[str, float]:
+        """Mean metrics over the val split's first ``eval_size`` samples at t = 500."""
+        n, bs = min(self.config.eval_size, len(self.val_data)), self.config.batch_size
+        totals: Dict[str, float] = {}
+        count = 0
+        for start in range(0, n - n % bs, bs):
+            rows = np.arange(start, start + bs)
+            local_rows = np.array_split(rows, jax.process_count())[jax.process_index()]
+            batch = batches.fixed_batch(self.val_data, self.sd.tokenizer, local_rows)
+            metrics = jax.device_get(self.eval_fn(state, self.frozen, parallel.global_batch(batch, self.mesh)))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+        return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+    """Run (or resume) a training run; returns the last logged metrics."""
+    from tqdm import tqdm
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    state = trainer.initial_state()
+    start = int(state.step)
+    last: Dict[str, float] = {}
+    progress = tqdm(total=config.num_steps, initial=start, desc=f"{config.stage}", disable=jax.process_index() != 0)
+    pending = []
+    t0 = time.perf_counter()
+    with trainer.mesh:
+        for step in range(start, config.num_steps):
+            state, metrics = trainer.step_fn(state, trainer.frozen, trainer.global_batch(step))
+            pending.append(metrics)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):
+                rows = jax.device_get(pending)
+                pending = []
+                if not all(r["finite"] > 0 for r in rows):
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient before step {done} (loss={[float(r['loss']) for r in rows]}); "
+                        f"the update was skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
+                last = {k: float(v) for k, v in rows[-1].items() if k != "finite"}
+                last["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+                    last.update(trainer.evaluate(state))
+                writer.write(done, last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}")
+            trainer.ckpt.save(done, state)
+            progress.update(1)
+    trainer.ckpt.wait()
+    progress.close()
+    writer.close()
+    return last
+
+
+@flax.struct.dataclass
+class TrainedRun:
+    """What a finished (or interrupted) run gives to sampling, export and evaluation."""
+    config: Any = flax.struct.field(pytree_node=False)
+    sd: Any = flax.struct.field(pytree_node=False)
+    adapter: Any = flax.struct.field(pytree_node=False)
+    lora_spec: Any = flax.struct.field(pytree_node=False)
+    step: int = flax.struct.field(pytree_node=False)
+    params: Params = None
+
+
+def load_trained(path: str, pretrained: Optional[str] = None) -> TrainedRun:
+    """A training workdir (its newest step) or one step folder ``WORKDIR/checkpoints/STEP``."""
+    step_dir = checkpoints.resolve_step_dir(path)
+    workdir = os.path.dirname(os.path.dirname(step_dir))
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} is missing: the checkpoint's run config is needed to rebuild it")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if pretrained:
+        config.pretrained = pretrained
+    sd = load_pretrained(config.pretrained)
+    raw = checkpoints.restore_raw(step_dir)
+    params = jax.tree_util.tree_map(jnp.asarray, raw["params"])
+    return TrainedRun(config=config, sd=sd, adapter=build_adapter(config, sd), lora_spec=lora_spec(config),
+                      step=int(raw["step"]), params=params)

@@ -1,0 +1,119 @@
+"""The jitted DDIM + CFG + self-correction sampler."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpt_jax.default_config import tiny
+from dpt_jax.pipeline import load_pretrained
+from dpt_jax.sampler import Generator, Models, SamplerConfig, adapter_score, initial_latents
+from dpt_jax.testing import make_tiny_sd_dir
+from dpt_jax.train import build_objective, init_adapter_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red square to the left of a blue circle", "two green triangles", "a yellow circle",
+           "a purple square above a red triangle", "a blue triangle"]
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return make_tiny_sd_dir(str(tmp_path_factory.mktemp("sd2")), "sd2", seed=3)
+
+
+@pytest.fixture(scope="module")
+def sd(sd_dir):
+    return load_pretrained(sd_dir)
+
+
+@pytest.fixture(scope="module")
+def adapter(sd):
+    config = tiny("probe")
+    obj = build_objective(config, sd)
+    params = init_adapter_params(obj, sd, jax.random.PRNGKey(1), latent_size=16)
+    return obj.adapter, params
+
+
+def test_matches_diffusers_ddim_pipeline_without_correction(sd_dir, sd):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts, steps = PROMPTS[:2], 10
+    z = initial_latents([0, 1], (16, 16, 4))
+    with torch.no_grad():
+        ref = pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, output_type="latent",
+                   latents=torch.from_numpy(z.transpose(0, 3, 1, 2).copy())).images.numpy().transpose(0, 2, 3, 1)
+    ours = Generator(sd, SamplerConfig(steps=steps, guidance=7.5), latent_size=16)(prompts, [0, 1], latents=z)
+    err = float(np.abs(ours["latents"] - ref).max())
+    print(f"final latents vs diffusers: max abs error {err:.2e} (scale {np.abs(ref).max():.2f})")
+    assert err <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_correction_gradient_matches_finite_differences_and_raises_score(sd, adapter):
+    module, params = adapter
+    models = Models(sd, module)
+    hidden, pooled = sd.encode_text(sd.tokenize(PROMPTS[:2]))
+    z = jnp.asarray(initial_latents([5, 6], (16, 16, 4)))
+    t = jnp.asarray(501)
+    score = jax.jit(lambda x: adapter_score(models, sd.unet_params, params, ("up1",), x, t, hidden, pooled).sum())
+    grad = jax.grad(lambda x: adapter_score(models, sd.unet_params, params, ("up1",), x, t, hidden, pooled).sum())(z)
+    direction = jax.random.normal(jax.random.PRNGKey(0), z.shape)
+    direction = direction / jnp.linalg.norm(direction)
+    h = 1e-2
+    fd = (score(z + h * direction) - score(z - h * direction)) / (2 * h)
+    analytic = jnp.vdot(grad, direction)
+    print(f"directional derivative: autodiff {float(analytic):.5e}, finite differences {float(fd):.5e}")
+    assert abs(float(analytic) - float(fd)) <= 2e-2 * abs(float(analytic)) + 1e-6
+    eta = 0.5 / float(jnp.linalg.norm(grad))
+    assert float(score(z + eta * grad)) > float(score(z))
+
+
+def test_batch_size_and_padding_do_not_change_images(sd, adapter):
+    module, params = adapter
+    gen = Generator(sd, SamplerConfig(steps=4, guidance=5.0, eta_sc=0.5), adapter=module, adapter_params=params,
+                    latent_size=16)
+    seeds = [10, 11, 12, 13, 14]
+    together = gen(PROMPTS, seeds)
+    one_by_one = [gen([p], [s]) for p, s in zip(PROMPTS, seeds)]
+    for i, single in enumerate(one_by_one):
+        _assert_same_images(single["latents"][0], together["latents"][i], single["images"][0],
+                            together["images"][i], f"prompt {i}, batch 1 vs batch 5")
+    assert np.all(np.isfinite(together["scores"]))
+
+
+def test_compiles_once_for_batches_of_one_shape(sd, adapter):
+    module, params = adapter
+    gen = Generator(sd, SamplerConfig(steps=3, guidance=7.5, eta_sc=0.5), adapter=module, adapter_params=params,
+                    latent_size=16)
+    for start in range(0, 6, 2):
+        gen([PROMPTS[start % 5], PROMPTS[(start + 1) % 5]], [start, start + 1])
+    assert gen._denoise._cache_size() == 1
+
+
+def test_eight_devices_give_the_same_images_as_one(tmp_path):
+    script = os.path.join(REPO, "tests", "sampler_devices_script.py")
+    outputs = {}
+    for devices in (1, 8):
+        out = str(tmp_path / f"d{devices}.npz")
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        result = subprocess.run([sys.executable, script, out], env=env, cwd=REPO, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[devices] = np.load(out)
+    assert int(outputs[8]["devices"]) == 8
+    _assert_same_images(outputs[1]["latents"], outputs[8]["latents"], outputs[1]["images"], outputs[8]["images"],
+                        "8 devices vs 1 device")
+
+
+def _assert_same_images(latents_a, latents_b, images_a, images_b, what):
+    # XLA picks other kernels for other per-device batch shapes, so results agree to float
+    # rounding, not bitwise: latents within 1e-4, pixels within one level of 255.
+    latent_err = float(np.abs(latents_a - latents_b).max())
+    pixel_err = int(np.abs(images_a.astype(int) - images_b).max())
+    print(f"{what}: latent error {latent_err:.1e}, pixel error {pixel_err}")
+    assert latent_err <= 1e-4 and pixel_err <= 1

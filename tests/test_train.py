@@ -1,0 +1,115 @@
+"""Stage-1 / stage-2 training on the builtin tiny SD and the synthetic shapes set."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dpt_jax import checkpoints
+from dpt_jax.default_config import tiny
+from dpt_jax.metrics import read_metrics
+from dpt_jax.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(workdir):
+    return checkpoints.restore_raw(workdir)["params"]
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _small(stage="probe", steps=6, **overrides):
+    c = tiny(stage)
+    c.num_steps = steps
+    c.log_every = 1
+    c.eval_every = 0
+    c.checkpoint_every = 3
+    c.adapter.dropout = 0.0
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_probe_loss_falls_and_val_itm_above_chance(tmp_path):
+    c = tiny("probe")
+    c.num_steps, c.log_every, c.eval_every, c.eval_size = 60, 5, 60, 64
+    last = train(c, str(tmp_path))
+    rows = read_metrics(str(tmp_path))
+    first = np.mean([r["loss"] for r in rows[:2]])
+    final = np.mean([r["loss"] for r in rows[-2:]])
+    print(f"probe loss {first:.3f} -> {final:.3f}; val ITM text {last['val_itm_text_acc']:.3f} "
+          f"image {last['val_itm_image_acc']:.3f}")
+    assert final < first - 0.1
+    # Chance is 0.5 for "the positive beats the hard negative".
+    assert (last["val_itm_text_acc"] + last["val_itm_image_acc"]) / 2 > 0.6
+    for key in ("step", "loss", "itm_loss", "rec_loss", "lr"):
+        assert key in rows[-1]
+    assert os.path.isdir(tmp_path / "tensorboard")
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(_small(steps=6), full)
+    train(_small(steps=3), part)
+    train(_small(steps=6), part)  # the same command on the same workdir resumes at step 3
+    assert _max_diff(_params(full), _params(part)) == 0.0
+    rows_full = {r["step"]: r["loss"] for r in read_metrics(full)}
+    rows_part = {r["step"]: r["loss"] for r in read_metrics(part)}
+    assert [rows_part[s] for s in range(1, 7)] == [rows_full[s] for s in range(1, 7)]
+
+
+def _cli_train(workdir, *flags, devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "dpt_jax.cli", "train", "--config", os.path.join(REPO, "configs", "probe_tiny.py"),
+           "--workdir", workdir, *flags]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    flags = ["--config.num_steps=3", "--config.eval_every=0", "--config.adapter.dropout=0.0",
+             "--config.checkpoint_every=3"]
+    runs = {}
+    for devices in (1, 8):
+        workdir = str(tmp_path / f"dev{devices}")
+        result = _cli_train(workdir, *flags, devices=devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[devices] = workdir
+    diff = _max_diff(_params(runs[1]), _params(runs[8]))
+    print(f"max |params(8 devices) - params(1 device)| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    result = _cli_train(str(tmp_path), "--config.no_such_key=1")
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr
+
+
+def test_stage2_lora_and_adapter_move_frozen_weights_do_not(tmp_path):
+    from dpt_jax.pipeline import load_pretrained
+    c = _small("tune", steps=4, grad_accum=2)
+    sd_before = load_pretrained(c.pretrained)
+    last = train(c, str(tmp_path))
+    params = _params(str(tmp_path))
+    assert set(params) == {"adapter", "lora"}
+    # B starts at zero; after training LoRA B has moved.
+    b_norms = [float(np.abs(v["lora_B"]).max()) for v in _lora_modules(params["lora"])]
+    assert b_norms and max(b_norms) > 0
+    sd_after = load_pretrained(c.pretrained)  # the files the run read are untouched
+    assert _max_diff(sd_before.frozen_params(), sd_after.frozen_params()) == 0.0
+    assert np.isfinite(last["mse_loss"]) and last["mse_loss"] < 10.0
+
+
+def _lora_modules(tree):
+    if "lora_B" in tree:
+        return [tree]
+    return [m for v in tree.values() for m in _lora_modules(v)]

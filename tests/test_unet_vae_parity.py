@@ -1,0 +1,295 @@
+"""Numeric parity of the Flax U-Net and VAE with diffusers' PyTorch models (float32, CPU).
+
+Tolerances: 1e-4 max abs error in float32 (measured ~1e-6 on outputs of scale ~1);
+bfloat16 compute (float32 params) stays within 5e-2 of the float32 output, relative to its max.
+"""
+import gc
+import json
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchVAE
+from diffusers import UNet2DConditionModel as TorchUNet
+
+from dpt_jax.models.unet import TAP_NAMES, UNet2DConditionModel, UNetConfig
+from dpt_jax.models.vae import AutoencoderKL, VAEConfig
+from dpt_jax.testing import SD21_BASE_UNET, make_tiny_sd_dir
+from dpt_jax.weights import (WeightLoadError, find_weight_file, load_component, read_state_dict,
+                             save_safetensors, state_dict_to_params)
+
+TOL = 1e-4
+BF16_REL_TOL = 5e-2
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _max_err(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def torch_unet_reference(model: TorchUNet, x, t, context):
+    """diffusers' noise prediction and the nine taps (block outputs caught by forward hooks), NHWC."""
+    feats = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            feats[name] = _nhwc(output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    blocks = [(f"down{i}", b) for i, b in enumerate(model.down_blocks)] + [("mid", model.mid_block)] + \
+        [(f"up{i}", b) for i, b in enumerate(model.up_blocks)]
+    handles = [b.register_forward_hook(keep(name)) for name, b in blocks]
+    try:
+        with torch.no_grad():
+            eps = model(_nchw(x), torch.from_numpy(t), torch.from_numpy(context)).sample
+    finally:
+        for h in handles:
+            h.remove()
+    return _nhwc(eps), feats
+
+
+def unet_inputs(config: UNetConfig, batch: int = 2, size: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, size, size, config.in_channels)).astype(np.float32)
+    t = rng.integers(0, 1000, (batch,))
+    context = rng.standard_normal((batch, 77, config.cross_attention_dim[0])).astype(np.float32)
+    return x, t, context
+
+
+@pytest.fixture(scope="session")
+def sd_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_sd")
+    return {style: make_tiny_sd_dir(str(root / style), style=style) for style in ("sd1", "sd2")}
+
+
+class TinyUNet:
+    """A tiny diffusers U-Net directory loaded on both sides, with the full pass compiled once."""
+
+    def __init__(self, folder: str):
+        self.folder = os.path.join(folder, "unet")
+        self.config = UNetConfig.from_file(os.path.join(self.folder, "config.json"))
+        self.model = UNet2DConditionModel(self.config)
+        self.inputs = unet_inputs(self.config)
+        self.shapes = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), *self.inputs)["params"]
+        self.params = load_component(self.folder, self.shapes)
+        self.torch = TorchUNet.from_pretrained(self.folder).eval()
+        self.full = jax.jit(lambda p, *a: self.model.apply({"params": p}, *a, taps=TAP_NAMES)).lower(
+            self.params, *self.inputs).compile()
+
+
+@pytest.fixture(scope="session")
+def tiny_unets(sd_dirs):
+    cache = {}
+
+    def get(style: str) -> TinyUNet:
+        if style not in cache:
+            cache[style] = TinyUNet(sd_dirs[style])
+        return cache[style]
+    return get
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def tiny_unet(request, tiny_unets):
+    return tiny_unets(request.param)
+
+
+@pytest.fixture
+def tiny_unet_sd2(tiny_unets):
+    return tiny_unets("sd2")
+
+
+def test_unet_matches_diffusers(tiny_unet):
+    eps, feats = tiny_unet.full(tiny_unet.params, *tiny_unet.inputs)
+    ref_eps, ref_feats = torch_unet_reference(tiny_unet.torch, *tiny_unet.inputs)
+    assert sorted(feats) == sorted(TAP_NAMES) == sorted(ref_feats)
+    errors = {name: _max_err(feats[name], ref_feats[name]) for name in TAP_NAMES}
+    errors["eps"] = _max_err(eps, ref_eps)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_unet_tap_shapes(tiny_unet):
+    _, feats = tiny_unet.full(tiny_unet.params, *tiny_unet.inputs)
+    c = tiny_unet.config.block_out_channels
+    expected = {"down0": (c[0], 8), "down1": (c[1], 4), "down2": (c[2], 2), "down3": (c[3], 2), "mid": (c[3], 2),
+                "up0": (c[3], 4), "up1": (c[2], 8), "up2": (c[1], 16), "up3": (c[0], 16)}
+    for name, (channels, size) in expected.items():
+        assert feats[name].shape == (2, size, size, channels), name
+
+
+def test_early_exit_matches_and_costs_less(tiny_unet_sd2):
+    u = tiny_unet_sd2
+    early = jax.jit(lambda p, *a: u.model.apply({"params": p}, *a, taps=("up1",), return_eps=False)).lower(
+        u.params, *u.inputs).compile()
+    eps, feats = early(u.params, *u.inputs)
+    _, full_feats = u.full(u.params, *u.inputs)
+    assert eps is None and list(feats) == ["up1"]
+    assert _max_err(feats["up1"], full_feats["up1"]) <= 1e-5
+    assert _flops(early) < _flops(u.full)
+
+
+def test_unknown_tap_lists_valid_ones(tiny_unet_sd2):
+    u = tiny_unet_sd2
+    with pytest.raises(ValueError, match="up9.*down0, down1.*up3"):
+        u.model.apply({"params": u.params}, *u.inputs, taps=("up9",))
+
+
+def test_remat_on_odd_size_matches_diffusers(tiny_unet_sd2):
+    # 12 is no multiple of the U-Net's total downsampling (8): the up path resizes to each skip's size.
+    u = tiny_unet_sd2
+    model = UNet2DConditionModel(u.config, remat=True)
+    inputs = unet_inputs(u.config, size=12, seed=1)
+    fn = lambda p, *a: model.apply({"params": p}, *a, taps=("up2",))  # noqa: E731
+    assert re.search(r"\b(remat\d*|checkpoint)\[", str(jax.make_jaxpr(fn)(u.params, *inputs)))
+    eps, feats = jax.jit(fn)(u.params, *inputs)
+    ref_eps, ref_feats = torch_unet_reference(u.torch, *inputs)
+    assert feats["up2"].shape == ref_feats["up2"].shape == (2, 12, 12, u.config.block_out_channels[1])
+    assert max(_max_err(eps, ref_eps), _max_err(feats["up2"], ref_feats["up2"])) <= TOL
+
+
+def test_bfloat16_stays_close_to_float32(tiny_unet_sd2):
+    u = tiny_unet_sd2
+    model = UNet2DConditionModel(u.config, dtype=jnp.bfloat16)
+    eps, feats = jax.jit(lambda p, *a: model.apply({"params": p}, *a, taps=("up1",)))(u.params, *u.inputs)
+    ref_eps, ref_feats = u.full(u.params, *u.inputs)
+    assert eps.dtype == jnp.bfloat16
+    for out, ref in ((eps, ref_eps), (feats["up1"], ref_feats["up1"])):
+        assert _max_err(out, ref) <= BF16_REL_TOL * float(jnp.abs(ref).max())
+
+
+def test_vae_matches_diffusers(sd_dirs):
+    folder = os.path.join(sd_dirs["sd2"], "vae")
+    config = VAEConfig.from_file(os.path.join(folder, "config.json"))
+    model = AutoencoderKL(config)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    latents = rng.standard_normal((2, 16, 16, config.latent_channels)).astype(np.float32)
+    params = load_component(folder, jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"])
+    mean, logvar = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, images)
+    decoded = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode))(params, latents)
+
+    ref = TorchVAE.from_pretrained(folder).eval()
+    with torch.no_grad():
+        dist = ref.encode(_nchw(images)).latent_dist
+        ref_decoded = _nhwc(ref.decode(_nchw(latents)).sample)
+    assert decoded.shape == (2, 32, 32, 3)
+    errors = {"mean": _max_err(mean, _nhwc(dist.mean)), "logvar": _max_err(logvar, _nhwc(dist.logvar)),
+              "decode": _max_err(decoded, ref_decoded)}
+    assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.slow
+def test_sd21_base_architecture_matches_diffusers():
+    torch.manual_seed(0)
+    ref = TorchUNet(**SD21_BASE_UNET).eval()
+    config = UNetConfig.from_dict(SD21_BASE_UNET)
+    inputs = unet_inputs(config, batch=1, size=32)
+    ref_eps, ref_feats = torch_unet_reference(ref, *inputs)
+    model = UNet2DConditionModel(config)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"]
+    params = state_dict_to_params({k: v.numpy() for k, v in ref.state_dict().items()}, shapes)
+    del ref  # the float32 SD-2.1 U-Net is 3.5 GB per copy
+    gc.collect()
+    eps, feats = jax.jit(lambda p, *a: model.apply({"params": p}, *a, taps=TAP_NAMES))(params, *inputs)
+    assert feats["up1"].shape == (1, 16, 16, 1280)
+    errors = {name: _max_err(feats[name], ref_feats[name]) for name in TAP_NAMES}
+    errors["eps"] = _max_err(eps, ref_eps)
+    assert max(errors.values()) <= TOL, errors
+
+
+# --- loading and config errors -------------------------------------------------------------------
+
+@pytest.fixture
+def unet_copy(sd_dirs, tmp_path):
+    """A writable copy of the tiny SD-2 unet folder and its state dict."""
+    folder = str(tmp_path / "unet")
+    shutil.copytree(os.path.join(sd_dirs["sd2"], "unet"), folder)
+    return folder, read_state_dict(find_weight_file(folder))
+
+
+def _target(folder):
+    config = UNetConfig.from_file(os.path.join(folder, "config.json"))
+    model = UNet2DConditionModel(config)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), *unet_inputs(config))["params"]
+
+
+def test_missing_tensor_is_named(unet_copy):
+    folder, state = unet_copy
+    key = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    del state[key]
+    path = find_weight_file(folder)
+    save_safetensors(state, path)
+    with pytest.raises(WeightLoadError, match=rf"{os.path.basename(path)}.*{key[:-len('.weight')]}"):
+        load_component(folder, _target(folder))
+
+
+def test_wrong_shape_is_named(unet_copy):
+    folder, state = unet_copy
+    key = "down_blocks.0.resnets.0.conv1.weight"
+    state[key] = state[key][:, :-1]
+    save_safetensors(state, find_weight_file(folder))
+    with pytest.raises(WeightLoadError, match=rf"{key}.*shape"):
+        load_component(folder, _target(folder))
+
+
+def test_missing_config_is_named(unet_copy):
+    folder, _ = unet_copy
+    os.remove(os.path.join(folder, "config.json"))
+    with pytest.raises(FileNotFoundError, match="unet/config.json"):
+        UNetConfig.from_file(os.path.join(folder, "config.json"))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("down_block_types", ["SimpleCrossAttnDownBlock2D"] * 4, "down_block_types.*SimpleCrossAttnDownBlock2D"),
+    ("up_block_types", ["AttnUpBlock2D"] * 4, "up_block_types.*AttnUpBlock2D"),
+    ("class_embed_type", "timestep", "class_embed_type='timestep'"),
+    ("addition_embed_type", "text_time", "addition_embed_type"),
+    ("time_cond_proj_dim", 256, "time_cond_proj_dim"),
+    ("dual_cross_attention", True, "dual_cross_attention"),
+    ("only_cross_attention", True, "only_cross_attention"),
+    ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
+    ("conv_in_kernel", 7, "conv_in_kernel"),
+    ("act_fn", "gelu", "act_fn"),
+    ("attention_head_dim", [8, 8], "attention_head_dim"),
+    ("brand_new_option", 1, "unknown keys.*brand_new_option"),
+])
+def test_unsupported_unet_config_raises(key, value, match):
+    config = dict(SD21_BASE_UNET, _class_name="UNet2DConditionModel", _diffusers_version="0.42.1")
+    UNetConfig.from_dict(config)  # the harmless keys alone are fine
+    with pytest.raises(ValueError, match=match):
+        UNetConfig.from_dict(dict(config, **{key: value}))
+
+
+def test_unet_config_reads_diffusers_quirks():
+    sd1 = UNetConfig.from_dict(dict(SD21_BASE_UNET, attention_head_dim=8, layers_per_block=[1, 2, 2, 2]))
+    assert sd1.num_attention_heads == (8, 8, 8, 8) and sd1.layers_per_block == (1, 2, 2, 2)
+    sd2 = UNetConfig.from_dict(json.loads(json.dumps(SD21_BASE_UNET)))
+    assert sd2.num_attention_heads == (5, 10, 20, 20) and sd2.cross_attention_dim == (1024,) * 4
+    assert UNetConfig.from_dict(dict(SD21_BASE_UNET, num_attention_heads=4)).num_attention_heads == (4,) * 4
+
+
+def test_unsupported_vae_config_raises(sd_dirs):
+    with open(os.path.join(sd_dirs["sd2"], "vae", "config.json")) as f:
+        config = json.load(f)
+    VAEConfig.from_dict(config)
+    with pytest.raises(ValueError, match="shift_factor"):
+        VAEConfig.from_dict(dict(config, shift_factor=0.1))
+    with pytest.raises(ValueError, match="down_block_types"):
+        VAEConfig.from_dict(dict(config, down_block_types=["AttnDownEncoderBlock2D"] * 2))
