@@ -16,6 +16,11 @@ import numpy as np
 
 from dpt_jax import testing, weights
 
+# Architectures of the builtin models: widths of the text encoder, U-Net and VAE, VAE levels.
+ARCHS = {
+    "tiny-random": dict(text_width=32, unet_width=32, vae_width=16, vae_levels=2),
+    "shapes": dict(text_width=64, unet_width=64, vae_width=16, vae_levels=2),
+}
 BUILDERS = ("tiny-random",)
 
 
@@ -30,7 +35,7 @@ def ensure(name: str) -> str:
     folder = os.path.join(cache_dir(), name)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         tmp = f"{folder}.tmp{os.getpid()}"
-        build_random_sd(tmp, seed=0)
+        build_random_sd(tmp, seed=0, **ARCHS[name])
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         if not os.path.isdir(folder):  # another process may have won the race
             os.replace(tmp, folder)
@@ -54,7 +59,7 @@ def text_encoder_config(vocab_size: int, width: int, layers: int = 2, heads: int
 
 def vae_config(width: int = 16, levels: int = 2) -> Dict[str, Any]:
     return dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
-                layers_per_block=1, block_out_channels=[width * 2 ** min(i, 1) for i in range(levels)],
+                layers_per_block=1, block_out_channels=[width * (2 if i else 1) for i in range(levels)],
                 norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * levels,
                 up_block_types=["UpDecoderBlock2D"] * levels, act_fn="silu", sample_size=32,
                 scaling_factor=0.18215)
@@ -84,8 +89,9 @@ def write_sd_dir(folder: str, unet_config: Dict[str, Any], vae_cfg: Dict[str, An
     return folder
 
 
-def build_random_sd(folder: str, seed: int = 0, text_width: int = 32, unet_width: int = 32) -> str:
-    """Initialise a tiny SD-2.x-style model in Flax and save it in diffusers format."""
+def build_random_sd(folder: str, seed: int = 0, text_width: int = 32, unet_width: int = 32, vae_width: int = 16,
+                    vae_levels: int = 2) -> str:
+    """Initialise a small SD-2.x-style model in Flax and save it in diffusers format."""
     from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
     from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
     from dpt_jax.models.vae import AutoencoderKL, VAEConfig
@@ -94,7 +100,7 @@ def build_random_sd(folder: str, seed: int = 0, text_width: int = 32, unet_width
     unet_cfg = testing.tiny_unet_config("sd2", unet_width, text_width)
     unet_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()}
     text_cfg = text_encoder_config(vocab_size, text_width)
-    vae_cfg = vae_config()
+    vae_cfg = vae_config(vae_width, vae_levels)
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     unet = UNet2DConditionModel(UNetConfig.from_dict(unet_cfg))
     vae = AutoencoderKL(VAEConfig.from_dict(vae_cfg))
@@ -102,7 +108,7 @@ def build_random_sd(folder: str, seed: int = 0, text_width: int = 32, unet_width
     init = lambda module, key, *args: jax.jit(module.init)(key, *args)["params"]  # jit: eager init is slow
     params = {
         "unet": init(unet, keys[0], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, text_width))),
-        "vae": init(vae, keys[1], jnp.zeros((1, 16, 16, 3))),
+        "vae": init(vae, keys[1], jnp.zeros((1, 2 ** vae_levels, 2 ** vae_levels, 3))),
         "text_encoder": init(text, keys[2], jnp.zeros((1, 77), jnp.int32)),
     }
     return write_sd_dir(folder, unet_cfg, vae_cfg, text_cfg, params)

@@ -5,6 +5,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
@@ -64,9 +65,15 @@ def resolve_step_dir(path: str) -> str:
 
 
 def restore_raw(path: str) -> dict:
-    """The saved train state as nested dicts of arrays (no target structure needed)."""
-    step_dir = resolve_step_dir(path)
-    return ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"))
+    """The saved train state as nested dicts of numpy arrays (no target structure needed).
+
+    A numpy target, because restoring onto the saved shardings fails wherever the device set
+    differs from the one that saved (a pod's checkpoint read on one machine)."""
+    item = os.path.join(resolve_step_dir(path), "default")
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(item).item_metadata.tree
+    target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), saved, is_leaf=lambda x: hasattr(x, "dtype"))
+    return checkpointer.restore(item, target)
 
 
 def restore_adapter(path: str, like: Any) -> Any:

@@ -1,9 +1,11 @@
 """``dpt-jax`` command line: ``dpt-jax <command> [flags]``.
 
     dpt-jax train --config configs/probe_tiny.py --workdir W [--config.key=value ...]
+    dpt-jax pretrain --config configs/pretrain_shapes.py --workdir W --out DIR
     dpt-jax generate --checkpoint W --prompt "a red square" --out OUT
     dpt-jax export --checkpoint W --out DIR [--merged]
     dpt-jax bench [--tiny]
+    dpt-jax demo [--out OUT] [--quick]
 """
 from __future__ import annotations
 
@@ -22,25 +24,48 @@ def _train(argv: List[str]) -> None:
     def main(_):
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+        _join_processes()
         from dpt_jax.train import train
         train(flags.FLAGS.config, flags.FLAGS.workdir)
 
     app.run(main, argv=argv)
 
 
-def _lazy(module: str, function: str = "main") -> Callable[[List[str]], None]:
+def _join_processes() -> None:
+    """Multi-host runs: join the other processes before any JAX work (dpt_jax/distributed.py)."""
+    from dpt_jax import distributed
+    try:
+        distributed.initialize()
+    except ValueError as e:
+        raise SystemExit(f"dpt-jax: {e}")
+
+
+def _lazy(module: str, function: str = "main", multi_process: bool = False) -> Callable[[List[str]], None]:
     def run(argv: List[str]) -> None:
         import importlib
+        if multi_process:
+            _join_processes()
         getattr(importlib.import_module(module), function)(argv[1:])
     return run
 
 
 COMMANDS: Dict[str, Callable[[List[str]], None]] = {
     "train": _train,
-    "generate": _lazy("dpt_jax.generate"),
+    "pretrain": _lazy("dpt_jax.pretrain"),
+    "generate": _lazy("dpt_jax.generate", multi_process=True),
     "export": _lazy("dpt_jax.export"),
     "bench": _lazy("dpt_jax.bench"),
+    "demo": _lazy("dpt_jax.demo"),
 }
+
+
+def use_compilation_cache() -> None:
+    """XLA compilations persist across runs (``$DPT_JAX_XLA_CACHE``, default ~/.cache/dpt_jax/xla)."""
+    import os
+    import jax
+    path = os.environ.get("DPT_JAX_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dpt_jax", "xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -50,6 +75,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"\ncommands: {', '.join(COMMANDS)}")
         raise SystemExit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help") else 2)
     command = argv[1]
+    use_compilation_cache()
     COMMANDS[command]([f"dpt-jax {command}"] + argv[2:])
 
 

@@ -10,7 +10,7 @@ import ml_collections
 
 def base(stage: str = "probe") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = stage                      # probe | tune
+    c.stage = stage                      # probe | tune | pretrain (denoising) | autoencoder (VAE)
     c.pretrained = "builtin:tiny-random"  # a local diffusers directory or builtin:NAME
     c.init_from = ""                     # stage 2: a stage-1 workdir / step folder for the adapter
     c.train_adapter = True               # stage 2: keep training the adapter
@@ -37,7 +37,7 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
                                             target_regex=""))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
                                              eps=1e-8, weight_decay=1e-2, clip=1.0))
-    c.loss = ml_collections.ConfigDict(dict(itm=1.0, rec=1.0, mse=1.0, min_snr_gamma=ml_collections.FieldReference(
+    c.loss = ml_collections.ConfigDict(dict(itm=1.0, rec=1.0, mse=1.0, kl=1e-6, min_snr_gamma=ml_collections.FieldReference(
         None, field_type=float)))
     if stage == "tune":
         c.batch_size = 64                # 8 per GPU x 8 GPUs in the official run...

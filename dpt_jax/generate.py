@@ -75,30 +75,35 @@ def build_generator(args: argparse.Namespace):
 
 
 def generate(args: argparse.Namespace) -> List[dict]:
+    import jax
     from tqdm import tqdm
     prompts = read_prompts(args.prompt, args.prompts)
-    if os.path.isdir(args.out) and os.listdir(args.out):
+    primary = jax.process_index() == 0  # several processes: all sample (a batch spans their devices), one writes
+    if primary and os.path.isdir(args.out) and os.listdir(args.out):
         logging.warning("writing into non-empty %s", args.out)
-    os.makedirs(args.out, exist_ok=True)
+    if primary:
+        os.makedirs(args.out, exist_ok=True)
     generator = build_generator(args)
     jobs = [(p, args.seed + i * args.images_per_prompt + k, i)
             for i, p in enumerate(prompts) for k in range(args.images_per_prompt)]
     rows, images = [], []
-    with open(os.path.join(args.out, "manifest.jsonl"), "w") as manifest:
-        for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
+    with open(os.path.join(args.out, "manifest.jsonl") if primary else os.devnull, "w") as manifest:
+        for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch", disable=not primary):
             chunk = jobs[start:start + args.batch_size]
             out = generator([p for p, _, _ in chunk], [s for _, s, _ in chunk])
             for (prompt, seed, prompt_index), image, score in zip(chunk, out["images"], out["scores"]):
                 name = f"{len(rows):05d}.png"
-                save_png(image, os.path.join(args.out, name))
+                if primary:
+                    save_png(image, os.path.join(args.out, name))
                 row = dict(file=name, prompt=prompt, prompt_index=prompt_index, seed=seed, eta_sc=args.eta_sc,
                            steps=args.steps, guidance=args.guidance,
                            itm_score=None if math.isnan(float(score)) else float(score))
                 manifest.write(json.dumps(row) + "\n")
                 rows.append(row)
                 images.append(image)
-    save_grid(np.stack(images), os.path.join(args.out, "grid.png"), columns=args.images_per_prompt
-              if args.images_per_prompt > 1 else None)
+    if primary:
+        save_grid(np.stack(images), os.path.join(args.out, "grid.png"), columns=args.images_per_prompt
+                  if args.images_per_prompt > 1 else None)
     return rows
 
 

@@ -35,24 +35,38 @@ class LoraSpec:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
     def matches(self, module_name: str) -> bool:
         if self.target_regex:
             return re.fullmatch(self.target_regex, module_name) is not None
-        return any(module_name == t or module_name.endswith("." + t) for t in self.targets)
+        return any(_matches_target(module_name, t) for t in self.targets)
+
+
+def _matches_target(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
 
 
 def target_modules(unet_params: Mapping[str, Any], spec: LoraSpec) -> Dict[str, Tuple[str, ...]]:
-    """diffusers module name -> Flax module path of every Linear / Conv2d kernel LoRA targets."""
-    found = {}
-    for path in _flatten(unet_params):
-        if path[-1] != "kernel":
-            continue
-        name = path_to_torch_key(path[:-1])
-        if spec.matches(name):
-            found[name] = path[:-1]
-    if not found:
-        raise ValueError(f"LoRA targets {spec.targets or spec.target_regex} match no Linear or Conv2d "
-                         "module of the U-Net")
+    """diffusers module name -> Flax module path of every Linear / Conv2d kernel LoRA targets.
+
+    Every entry of ``spec.targets`` must match at least one Linear / Conv2d: a misspelt name in a
+    list would otherwise be dropped silently (PEFT only fails when the whole list matches nothing).
+    """
+    modules = {path_to_torch_key(path[:-1]): path[:-1] for path in _flatten(unet_params) if path[-1] == "kernel"}
+    found = {name: path for name, path in modules.items() if spec.matches(name)}
+    if spec.target_regex:
+        if not found:
+            raise ValueError(f"LoRA target_regex {spec.target_regex!r} matches no Linear or Conv2d module "
+                             "of the U-Net")
+        return found
+    unknown = [t for t in spec.targets if not any(_matches_target(name, t) for name in modules)]
+    if unknown or not spec.targets:
+        raise ValueError(f"LoRA target(s) {unknown or list(spec.targets)} match no Linear or Conv2d module of "
+                         "the U-Net (targets are diffusers module names or their dotted suffixes, "
+                         "e.g. 'to_q', 'ff.net.0.proj', 'resnets.0.conv1')")
     return found
 
 
@@ -106,4 +120,5 @@ def _modules_of(lora: Params) -> Iterable[Tuple[Tuple[str, ...], Dict[str, jax.A
 
 
 def lora_module_names(lora: Params) -> Sequence[str]:
+    """diffusers module names of the modules a LoRA tree adapts, sorted."""
     return [path_to_torch_key(path) for path, _ in _modules_of(lora)]

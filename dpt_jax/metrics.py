@@ -7,11 +7,19 @@ from typing import Dict
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """Appends to the run's metrics; on resume, rows logged after the restored step (work that
+    is about to be redone) are dropped first, so each step appears once."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -37,9 +37,15 @@ class Objective:
     rec_weight: float = 1.0
     mse_weight: float = 1.0
     min_snr_gamma: Optional[float] = None
+    trainable_names: Tuple[str, ...] = ("adapter", "lora")
 
     def __hash__(self) -> int:
         return id(self)
+
+    def losses(self, trainable: Params, frozen: Params, batch: Dict[str, jax.Array], rng: jax.Array,
+               dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        return dpt_losses(self, trainable, frozen, batch, rng, dropout_rng, timestep)
 
 
 def features_of(taps: Dict[str, jax.Array], names: Sequence[str]) -> Any:
@@ -73,7 +79,7 @@ def candidate_inputs(latents_t: jax.Array, hidden: jax.Array, pooled: jax.Array,
     return lat, hid, pool
 
 
-def sample_noise(obj: Objective, rng: jax.Array, sample_id: jax.Array, latent_shape: Tuple[int, ...],
+def sample_noise(obj: Any, rng: jax.Array, sample_id: jax.Array, latent_shape: Tuple[int, ...],
                  timestep: Optional[int] = None) -> Tuple[jax.Array, jax.Array]:
     """Per-sample timestep and noise, keyed by the sample's id (independent of batching)."""
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(sample_id)
@@ -86,10 +92,12 @@ def sample_noise(obj: Objective, rng: jax.Array, sample_id: jax.Array, latent_sh
     return t, noise
 
 
-def dpt_losses(obj: Objective, trainable: Params, frozen: Params, batch: Dict[str, jax.Array],
-               rng: jax.Array, dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
-               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Total loss and its parts for one (micro-)batch.
+def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: Dict[str, jax.Array],
+                      rng: jax.Array, dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
+                      ) -> Dict[str, jax.Array]:
+    """Every candidate through the U-Net and the adapter: ITM ``scores`` [6, n] (candidate order
+    of the module docstring), the REC heads on candidate 5, and (stage 2) the positive pair's
+    noise prediction ``eps`` with its ``target``.
 
     ``rng`` seeds the per-sample noise and timesteps; ``dropout_rng`` None means deterministic
     (evaluation); ``timestep`` fixes t for every sample (evaluation uses 500).
@@ -103,8 +111,7 @@ def dpt_losses(obj: Objective, trainable: Params, frozen: Params, batch: Dict[st
     latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t))(latents)
     lora = lora_variables(trainable["lora"], obj.lora) if obj.lora is not None and trainable.get("lora") else None
     unet_params = frozen["unet"]
-    metrics: Dict[str, jax.Array] = {}
-    total = jnp.zeros((), jnp.float32)
+    out: Dict[str, jax.Array] = {"t": t}
 
     if obj.denoising:  # full pass on (x+, c+): the MSE and its taps; the others stop at the tap
         lat0, hid0, _ = candidate_inputs(latents_t, hidden, pooled, [0])
@@ -113,34 +120,97 @@ def dpt_losses(obj: Objective, trainable: Params, frozen: Params, batch: Dict[st
         _, taps_rest = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES - 1), hid,
                                     obj.taps, eps=False)
         taps = {k: jnp.concatenate([taps0[k], taps_rest[k]]) for k in obj.taps}
-        target = sd.schedule.training_target(latents[0], noise, t)
-        mse = losses.denoising_loss(eps0.astype(jnp.float32), target.astype(jnp.float32),
-                                    snr=sd.schedule.snr(t), min_snr_gamma=obj.min_snr_gamma,
-                                    prediction_type=sd.schedule.prediction_type)
-        metrics["mse_loss"] = mse
-        total = total + obj.mse_weight * mse
+        out["eps"] = eps0.astype(jnp.float32)
+        out["target"] = sd.schedule.training_target(latents[0], noise, t).astype(jnp.float32)
     else:
         lat, hid, _ = candidate_inputs(latents_t, hidden, pooled, range(NUM_CANDIDATES))
         _, taps = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES), hid,
                                obj.taps, eps=False)
 
     _, hid_all, pool_all = candidate_inputs(latents_t, hidden, pooled, range(NUM_CANDIDATES))
-    out = obj.adapter.apply({"params": trainable["adapter"]}, features_of(taps, obj.taps),
-                            jnp.tile(t, NUM_CANDIDATES), text_tokens=hid_all[-n:],
-                            deterministic=dropout_rng is None,
-                            rngs={"dropout": dropout_rng} if dropout_rng is not None else {})
-    scores = itm_score(out["itm_embeds"], pool_all).reshape(NUM_CANDIDATES, n)
-    s_t2i = scores[jnp.array([0, 1, 2])].T
-    s_i2t = scores[jnp.array([0, 3, 4])].T
-    logit_scale = trainable["adapter"]["logit_scale"]
-    loss_t2i, loss_i2t = losses.itm_losses(s_t2i, s_i2t, logit_scale)
-    rec = losses.rec_losses(out["pred_logits"][-n:], out["pred_boxes"][-n:], out["proj_queries"][-n:],
-                            out["proj_tokens"], batch["expression_box"], batch["expression_positive"],
-                            batch["expression_token_mask"])
+    heads = obj.adapter.apply({"params": trainable["adapter"]}, features_of(taps, obj.taps),
+                              jnp.tile(t, NUM_CANDIDATES), text_tokens=hid_all[-n:],
+                              deterministic=dropout_rng is None,
+                              rngs={"dropout": dropout_rng} if dropout_rng is not None else {})
+    out["scores"] = itm_score(heads["itm_embeds"], pool_all).reshape(NUM_CANDIDATES, n)
+    for key in ("pred_logits", "pred_boxes", "proj_queries"):
+        out[key] = heads[key][-n:]
+    out["proj_tokens"] = heads["proj_tokens"]
+    return out
+
+
+def dpt_losses(obj: Objective, trainable: Params, frozen: Params, batch: Dict[str, jax.Array],
+               rng: jax.Array, dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Total loss and its parts for one (micro-)batch (arguments as :func:`candidate_outputs`)."""
+    out = candidate_outputs(obj, trainable, frozen, batch, rng, dropout_rng, timestep)
+    scores = out["scores"]
+    loss_t2i, loss_i2t = losses.itm_losses(scores[jnp.array([0, 1, 2])].T, scores[jnp.array([0, 3, 4])].T,
+                                           trainable["adapter"]["logit_scale"])
+    rec = losses.rec_losses(out["pred_logits"], out["pred_boxes"], out["proj_queries"], out["proj_tokens"],
+                            batch["expression_box"], batch["expression_positive"], batch["expression_token_mask"])
     itm = loss_t2i + loss_i2t
-    total = total + obj.itm_weight * itm + obj.rec_weight * rec["loss"]
-    metrics.update(itm_loss=itm, itm_t2i_loss=loss_t2i, itm_i2t_loss=loss_i2t, rec_loss=rec["loss"],
+    total = obj.itm_weight * itm + obj.rec_weight * rec["loss"]
+    metrics = dict(itm_loss=itm, itm_t2i_loss=loss_t2i, itm_i2t_loss=loss_i2t, rec_loss=rec["loss"],
                    # The evaluation protocol's accuracies: the positive beats the hard negative.
-                   itm_text_acc=(scores[0] > scores[3]).mean(), itm_image_acc=(scores[0] > scores[1]).mean(),
-                   loss=total)
+                   itm_text_acc=(scores[0] > scores[3]).mean(), itm_image_acc=(scores[0] > scores[1]).mean())
+    if obj.denoising:
+        mse = losses.denoising_loss(out["eps"], out["target"], snr=obj.sd.schedule.snr(out["t"]),
+                                    min_snr_gamma=obj.min_snr_gamma, prediction_type=obj.sd.schedule.prediction_type)
+        metrics["mse_loss"] = mse
+        total = total + obj.mse_weight * mse
+    metrics["loss"] = total
     return total, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoisingObjective:
+    """Plain text-to-image pretraining (``pretrain`` stage): the denoising loss on (x+, c+),
+    U-Net and text encoder fully trained, VAE frozen."""
+    sd: Any
+    min_snr_gamma: Optional[float] = None
+    trainable_names: Tuple[str, ...] = ("unet", "text_encoder")
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def losses(self, trainable: Params, frozen: Params, batch: Dict[str, jax.Array], rng: jax.Array,
+               dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        sd = self.sd
+        latents = batch["latents"][0] if "latents" in batch else vae_encode(sd.vae, frozen["vae"], batch["image"])
+        latents = jax.lax.stop_gradient(latents)
+        hidden, _ = sd.text_encoder.apply({"params": trainable["text_encoder"]}, batch["caption_ids"])
+        t, noise = sample_noise(self, rng, batch["sample_id"], latents.shape[1:], timestep)
+        noisy = sd.schedule.add_noise(latents, noise, t)
+        eps, _ = unet_forward(sd.unet, trainable["unet"], None, noisy, t, hidden)
+        target = sd.schedule.training_target(latents, noise, t)
+        mse = losses.denoising_loss(eps.astype(jnp.float32), target.astype(jnp.float32), snr=sd.schedule.snr(t),
+                                    min_snr_gamma=self.min_snr_gamma, prediction_type=sd.schedule.prediction_type)
+        return mse, {"loss": mse, "mse_loss": mse}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderObjective:
+    """VAE training (``autoencoder`` stage): reconstruction MSE + a small KL to N(0, I)."""
+    sd: Any
+    kl_weight: float = 1e-6
+    trainable_names: Tuple[str, ...] = ("vae",)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def losses(self, trainable: Params, frozen: Params, batch: Dict[str, jax.Array], rng: jax.Array,
+               dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        vae = self.sd.vae
+        images = batch["image"]
+        mean, logvar = vae.apply({"params": trainable["vae"]}, images, method=type(vae).encode)
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["sample_id"])
+        eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(keys)
+        z = mean + jnp.exp(0.5 * logvar) * eps
+        recon = vae.apply({"params": trainable["vae"]}, z, method=type(vae).decode)
+        mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
+        kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+        total = mse + self.kl_weight * kl
+        return total, {"loss": total, "recon_loss": mse, "kl_loss": kl}

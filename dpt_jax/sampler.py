@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dpt_jax import parallel, scheduler
 from dpt_jax.models.adapter import DiscriminativeAdapter, itm_score
@@ -140,13 +141,17 @@ class Generator:
             if latents is None else np.concatenate([latents, np.repeat(latents[-1:], padded - n, 0)])
         cond, pooled = self.sd.encode_text(self.sd.tokenize(prompts))
         uncond, _ = self.sd.encode_text(self.sd.tokenize([self.negative_prompt] * padded))
-        put = lambda x: parallel.global_batch(np.asarray(x), self.mesh)
+        # Every process holds the whole batch (same prompts, same seeds) and feeds its devices' rows;
+        # the outputs are gathered back to every process.
+        sharding = parallel.batch_sharding(self.mesh)
+        put = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), np.shape(x))
+        fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
         z0 = self._denoise(self.unet_params, self.adapter_params, put(z), put(cond), put(uncond), put(pooled))
         images = self._decode(self.vae_params, z0)
-        images = np.asarray(jnp.clip((images.astype(jnp.float32) + 1) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+        images = fetch(jnp.clip((images.astype(jnp.float32) + 1) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
         if self._score is not None:  # the final latent's match with its prompt, at t = 0
-            scores = np.asarray(self._score(self.unet_params, self.adapter_params, z=z0, t=jnp.zeros((), jnp.int32),
-                                            hidden=put(cond), pooled=put(pooled)))
+            scores = fetch(self._score(self.unet_params, self.adapter_params, z=z0, t=jnp.zeros((), jnp.int32),
+                                       hidden=put(cond), pooled=put(pooled)))
         else:
             scores = np.full(padded, np.nan, np.float32)
-        return {"latents": np.asarray(z0)[:n], "images": images[:n], "scores": scores[:n]}
+        return {"latents": fetch(z0)[:n], "images": images[:n], "scores": scores[:n]}

@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -30,15 +32,41 @@ from dpt_jax.data import batches
 from dpt_jax.lora import LoraSpec, init_lora
 from dpt_jax.metrics import MetricWriter
 from dpt_jax.models.adapter import DiscriminativeAdapter
-from dpt_jax.objective import Objective, dpt_losses
+from dpt_jax.objective import AutoencoderObjective, DenoisingObjective, Objective
 from dpt_jax.pipeline import StableDiffusion, load_pretrained
 
 Params = Dict[str, Any]
-STAGES = ("probe", "tune")
+STAGES = ("probe", "tune", "pretrain", "autoencoder")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preemption:
+    """SIGTERM (TPU maintenance, spot reclaim) asks the loop to checkpoint and stop; on many hosts
+    JAX's preemption sync point makes every host stop at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        # Several processes: jax.distributed's preemption service owns SIGTERM and picks the common
+        # stop step; a Python handler would replace its handler and the run would never stop.
+        own = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if own else None
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @flax.struct.dataclass
@@ -71,9 +99,14 @@ def lora_spec(config: ml_collections.ConfigDict) -> Optional[LoraSpec]:
                     target_regex=lc.get("target_regex") or None)
 
 
-def build_objective(config: ml_collections.ConfigDict, sd: StableDiffusion) -> Objective:
+def build_objective(config: ml_collections.ConfigDict, sd: StableDiffusion) -> Any:
+    """The loss of the configured stage; every objective has ``losses(trainable, frozen, batch, ...)``."""
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {STAGES}")
+    if config.stage == "pretrain":
+        return DenoisingObjective(sd=sd, min_snr_gamma=config.loss.get("min_snr_gamma"))
+    if config.stage == "autoencoder":
+        return AutoencoderObjective(sd=sd, kl_weight=config.loss.get("kl", 1e-6))
     return Objective(sd=sd, adapter=build_adapter(config, sd), taps=tuple(config.adapter.taps),
                      lora=lora_spec(config), denoising=config.stage == "tune",
                      itm_weight=config.loss.itm, rec_weight=config.loss.rec, mse_weight=config.loss.mse,
@@ -110,24 +143,34 @@ def init_adapter_params(obj: Objective, sd: StableDiffusion, rng: jax.Array, lat
                                                         taps=obj.taps, return_eps=False)[1], sd.unet_params)
     features = {k: jnp.zeros(v.shape, jnp.float32) for k, v in tap_shapes.items()}
     features = features[obj.taps[0]] if len(obj.taps) == 1 else features
-    return obj.adapter.init({"params": rng}, features, jnp.zeros((1,)), text_tokens=hidden,
-                            deterministic=True)["params"]
+    init = jax.jit(lambda r, f, h: obj.adapter.init({"params": r}, f, jnp.zeros((1,)), text_tokens=h,
+                                                    deterministic=True)["params"])
+    return init(rng, features, hidden)
 
 
 def latent_size(config: ml_collections.ConfigDict, sd: StableDiffusion) -> int:
     return config.data.image_size // 2 ** (len(sd.vae.config.block_out_channels) - 1)
 
 
-def init_state(config: ml_collections.ConfigDict, sd: StableDiffusion, obj: Objective,
-               optimizer: optax.GradientTransformation) -> TrainState:
-    rng = jax.random.PRNGKey(config.seed)
-    adapter_rng, lora_rng, base_rng = jax.random.split(rng, 3)
+def init_trainable(config: ml_collections.ConfigDict, sd: StableDiffusion, obj: Any, rng: jax.Array) -> Params:
+    """The arrays the stage trains: adapter (+ LoRA), or the pretrained modules themselves."""
+    if config.stage in ("pretrain", "autoencoder"):
+        return {name: sd.frozen_params()[name] for name in obj.trainable_names}
+    adapter_rng, lora_rng = jax.random.split(rng)
     params = {"adapter": init_adapter_params(obj, sd, adapter_rng, latent_size(config, sd)), "lora": {}}
     if config.get("init_from"):
         params["adapter"] = checkpoints.restore_adapter(config.init_from, params["adapter"])
     if obj.lora is not None:
         params["lora"] = init_lora(sd.unet_params, obj.lora, lora_rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=base_rng)
+    return params
+
+
+def init_state(config: ml_collections.ConfigDict, sd: StableDiffusion, obj: Any,
+               optimizer: optax.GradientTransformation) -> TrainState:
+    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = init_trainable(config, sd, obj, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params),
+                      rng=base_rng)
 
 
 def _micro_batches(batch: Dict[str, jax.Array], k: int) -> Dict[str, jax.Array]:
@@ -135,11 +178,11 @@ def _micro_batches(batch: Dict[str, jax.Array], k: int) -> Dict[str, jax.Array]:
     return jax.tree_util.tree_map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(obj: Objective, optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
+def train_step(obj: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
                state: TrainState, frozen: Params, batch: Dict[str, jax.Array]) -> Tuple[TrainState, Dict[str, jax.Array]]:
     """One optimizer step over ``grad_accum`` micro-batches; a non-finite loss skips the update."""
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
-    grad_fn = jax.value_and_grad(functools.partial(dpt_losses, obj), has_aux=True)
+    grad_fn = jax.value_and_grad(obj.losses, has_aux=True)
 
     def accumulate(grads, xs):
         micro, index = xs
@@ -161,11 +204,11 @@ def train_step(obj: Objective, optimizer: optax.GradientTransformation, schedule
     return new_state, metrics
 
 
-def eval_step(obj: Objective, state: TrainState, frozen: Params, batch: Dict[str, jax.Array],
-              timestep: int = 500) -> Dict[str, jax.Array]:
-    """Losses and ITM accuracies at a fixed timestep without dropout (the evaluation protocol)."""
+def eval_step(obj: Any, state: TrainState, frozen: Params, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    """Losses (and ITM accuracies) without dropout; DPT stages score at t = 500 (the protocol)."""
     eval_rng = jax.random.fold_in(state.rng, 2)
-    return dpt_losses(obj, state.params, frozen, batch, eval_rng, None, timestep)[1]
+    timestep = 500 if isinstance(obj, Objective) else None
+    return obj.losses(state.params, frozen, batch, eval_rng, None, timestep)[1]
 
 
 def make_dataset(config: ml_collections.ConfigDict, split: str):
@@ -192,7 +235,8 @@ class Trainer:
         self.objective = build_objective(config, self.sd)
         self.schedule = learning_rate(config)
         self.optimizer = make_optimizer(config)
-        self.frozen = parallel.shard_frozen(self.sd.frozen_params(), self.mesh)
+        self.frozen = parallel.shard_frozen({k: v for k, v in self.sd.frozen_params().items()
+                                             if k not in self.objective.trainable_names}, self.mesh)
         self.train_data = make_dataset(config, "train")
         self.val_data = make_dataset(config, "val")
         replicated, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
@@ -203,8 +247,7 @@ class Trainer:
                                         config.keep_checkpoints)
 
     def initial_state(self) -> TrainState:
-        state = jax.jit(lambda: init_state(self.config, self.sd, self.objective, self.optimizer),
-                        out_shardings=parallel.replicated(self.mesh))()
+        state = parallel.replicate(init_state(self.config, self.sd, self.objective, self.optimizer), self.mesh)
         restored = self.ckpt.restore_latest(state)
         return restored if restored is not None else state
 
@@ -234,12 +277,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     from tqdm import tqdm
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config, workdir)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     state = trainer.initial_state()
     start = int(state.step)
+    writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+    preemption = Preemption()
     last: Dict[str, float] = {}
     progress = tqdm(total=config.num_steps, initial=start, desc=f"{config.stage}", disable=jax.process_index() != 0)
     pending = []
@@ -263,8 +307,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                     last.update(trainer.evaluate(state))
                 writer.write(done, last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}")
-            trainer.ckpt.save(done, state)
             progress.update(1)
+            if preemption.reached(done):
+                trainer.ckpt.save(done, state, force=True)
+                logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
+                                done, trainer.ckpt.directory)
+                break
+            trainer.ckpt.save(done, state)
+    preemption.close()
     trainer.ckpt.wait()
     progress.close()
     writer.close()

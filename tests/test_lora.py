@@ -1,0 +1,184 @@
+"""LoRA on the Flax U-Net: zero-B identity, merged vs factored parity, target selection, and
+gradient accumulation of the stage-2 train step (builtin tiny SD, float32)."""
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpt_jax import load_pretrained
+from dpt_jax.data import batches
+from dpt_jax.default_config import tiny
+from dpt_jax.lora import LoraSpec, init_lora, lora_module_names, lora_variables, merge_lora, target_modules
+from dpt_jax.train import build_objective, init_state, learning_rate, make_dataset, train_step
+from dpt_jax.weights import _flatten, _unflatten
+
+TAP = "up1"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_pretrained("builtin:tiny-random")
+
+
+@pytest.fixture(scope="module")
+def inputs(sd):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    latents = jax.random.normal(k1, (2, 8, 8, sd.unet.config.in_channels))
+    hidden = jax.random.normal(k2, (2, 77, sd.text_width))
+    return latents, jnp.array([10, 700]), hidden
+
+
+def _randomize_b(lora, seed, std=0.2):
+    """B ~ N(0, std^2): with B = 0 a merged/unmerged comparison would test nothing."""
+    flat = _flatten(lora)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(flat))
+    return _unflatten({p: (std * jax.random.normal(k, v.shape) if p[-1] == "lora_B" else v)
+                       for k, (p, v) in zip(keys, sorted(flat.items()))})
+
+
+def _run(sd, inputs, params=None, lora=None):
+    """(eps, tap) of the U-Net with ``params`` (default: the base weights) and a ``lora`` collection."""
+    if params is not None:
+        sd = dataclasses.replace(sd, unet_params=params)
+    eps, taps = sd.unet_apply(*inputs, taps=(TAP,), lora=lora)
+    return np.asarray(eps), np.asarray(taps[TAP])
+
+
+def _rel_err(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_zero_b_equals_base_bitwise(sd, inputs):
+    spec = LoraSpec()
+    lora = init_lora(sd.unet_params, spec, jax.random.PRNGKey(0))
+    assert all(not np.any(np.asarray(v)) for p, v in _flatten(lora).items() if p[-1] == "lora_B")
+    base = _run(sd, inputs)
+    with_lora = _run(sd, inputs, lora=lora_variables(lora, spec))
+    for b, l in zip(base, with_lora):
+        np.testing.assert_array_equal(l, b)
+
+
+@pytest.mark.parametrize("targets", [
+    ("to_q", "to_k", "to_v", "to_out.0"),
+    # Linear and conv targets, including a strided conv (downsamplers use stride 2).
+    ("ff.net.0.proj", "proj_in", "conv1", "downsamplers.0.conv"),
+])
+def test_merged_equals_unmerged(sd, inputs, targets):
+    spec = LoraSpec(rank=4, alpha=8.0, targets=targets)  # scale 2: the scale must reach both paths
+    lora = _randomize_b(init_lora(sd.unet_params, spec, jax.random.PRNGKey(0)), seed=1)
+    base = _run(sd, inputs)
+    unmerged = _run(sd, inputs, lora=lora_variables(lora, spec))
+    merged = _run(sd, inputs, params=merge_lora(sd.unet_params, lora, spec))
+    for name, b, u, m in zip(("eps", TAP), base, unmerged, merged):
+        change, err = _rel_err(u, b), _rel_err(m, u)
+        print(f"{targets} {name}: LoRA changes the output by {change:.3f} (rel.), merged vs unmerged {err:.2e}")
+        assert change > 1e-2, "LoRA did not change the output: the factors are not applied"
+        # float32: W x + (x A) B vs (W + A B) x differ only by rounding (measured ~1e-7).
+        assert err < 1e-5
+
+
+def _expected_attention_paths(unet_params):
+    """to_q/k/v/out.0 of attn1 and attn2 of every transformer block, found from the Flax paths."""
+    blocks = {p[:p.index(name) + 1] for p in _flatten(unet_params)
+              for name in p if re.fullmatch(r"transformer_blocks_\d+", name)}
+    assert blocks
+    return {b + (attn, proj) for b in blocks for attn in ("attn1", "attn2")
+            for proj in ("to_q", "to_k", "to_v", "to_out_0")}
+
+
+def test_default_targets_are_every_attention_projection(sd):
+    lora = init_lora(sd.unet_params, LoraSpec(), jax.random.PRNGKey(0))
+    found = {p[:-1] for p in _flatten(lora)}
+    expected = _expected_attention_paths(sd.unet_params)
+    print(f"default LoRA targets: {len(found)} modules")
+    assert found == expected
+    # A kernel-shaped A and B for each: Linear [in, r], [r, out].
+    flat = _flatten(sd.unet_params)
+    for path in expected:
+        kernel = flat[path + ("kernel",)]
+        assert _flatten(lora)[path + ("lora_A",)].shape == (kernel.shape[0], 4)
+        assert _flatten(lora)[path + ("lora_B",)].shape == (4, kernel.shape[1])
+
+
+def test_target_list_and_regex(sd):
+    spec = LoraSpec(targets=("ff.net.0.proj", "proj_in", "conv1"))
+    found = {p[:-1] for p in _flatten(init_lora(sd.unet_params, spec, jax.random.PRNGKey(0)))}
+    # Read off the Flax paths: ".conv1" must not catch conv_in or conv2, "proj_in" not proj_out.
+    expected = {p[:-1] for p in _flatten(sd.unet_params) if p[-1] == "kernel"
+                and (p[-2] in ("proj_in", "conv1") or p[-4:-1] == ("ff", "net_0", "proj"))}
+    kinds = {p[-1] for p in expected}
+    print(f"ff.net.0.proj / proj_in / conv1: {len(found)} modules")
+    assert found == expected and kinds == {"proj", "proj_in", "conv1"}
+    # Conv targets get PEFT's conv layout: A [kh, kw, in, r], B [1, 1, r, out].
+    flat_lora, flat = _flatten(init_lora(sd.unet_params, spec, jax.random.PRNGKey(0))), _flatten(sd.unet_params)
+    conv = next(p for p in sorted(expected) if p[-1] == "conv1")
+    kh, kw, cin, cout = flat[conv + ("kernel",)].shape
+    assert flat_lora[conv + ("lora_A",)].shape == (kh, kw, cin, 4)
+    assert flat_lora[conv + ("lora_B",)].shape == (1, 1, 4, cout)
+    assert set(lora_module_names(_unflatten({p + ("lora_A",): 0 for p in found}))) == set(
+        target_modules(sd.unet_params, spec))
+    regex = LoraSpec(target_regex=r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)")
+    assert set(target_modules(sd.unet_params, regex)) == set(target_modules(sd.unet_params, LoraSpec()))
+
+
+@pytest.mark.parametrize("spec", [
+    LoraSpec(targets=("to_q", "to_qq")),          # one misspelt name in an otherwise valid list
+    LoraSpec(targets=("attn1",)),                  # a module with no kernel of its own
+    LoraSpec(targets=()),
+    LoraSpec(target_regex=r"no_such_module"),
+])
+def test_unknown_target_raises(sd, spec):
+    with pytest.raises(ValueError, match="match"):
+        init_lora(sd.unet_params, spec, jax.random.PRNGKey(0))
+
+
+def _max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_grad_accum_matches_single_batch(sd):
+    """Stage 2, adapter dropout 0: one train_step with grad_accum=2 equals grad_accum=1 on the same batch.
+
+    The step runs with plain SGD (lr 1), so the parameter change *is* the averaged gradient: the
+    config's AdamW moves each weight by about lr * sign(g) on its first step, which would hide a
+    wrongly scaled accumulation (a sum instead of a mean). Each compile of the step costs ~1 min
+    on 2 CPU cores, so AdamW is not run as well: accumulation happens before the optimizer.
+    """
+    config = tiny("tune")
+    config.batch_size, config.adapter.dropout = 4, 0.0
+    obj = build_objective(config, sd)
+    batch = batches.batch_at(make_dataset(config, "train"), sd.tokenizer, 0, config.batch_size, config.data.seed)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    optimizer = optax.sgd(1.0)
+    state = init_state(config, sd, obj, optimizer)
+    # Non-zero B, else A gets no gradient and half of the LoRA tree is not checked.
+    state = state.replace(params=dict(state.params, lora=_randomize_b(state.params["lora"], seed=2, std=0.05)))
+    out = {}
+    for k in (1, 2):
+        step = jax.jit(functools.partial(train_step, obj, optimizer, learning_rate(config), k))
+        new, metrics = step(state, sd.frozen_params(), batch)
+        out[k] = jax.device_get((new.params, metrics))
+    (p1, m1), (p2, m2) = out[1], out[2]
+    p0 = jax.device_get(state.params)
+    assert m1["finite"] == 1.0 and m2["finite"] == 1.0
+    # Stage 2 trains both: every LoRA factor moves (B != 0), and the adapter.
+    still = {part: [jax.tree_util.keystr(path) for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(p1[part]), jax.tree_util.tree_leaves(p0[part])) if np.all(a == b)]
+        for part in ("lora", "adapter")}
+    print(f"leaves without gradient: {still}")
+    assert not still["lora"]
+    assert len(still["adapter"]) < len(jax.tree_util.tree_leaves(p0["adapter"]))
+    moved, diff = _max_abs_diff(p1, p0), _max_abs_diff(p2, p1)
+    print(f"SGD step: |update| up to {moved:.3e}; grad_accum 2 vs 1: max |dparam| {diff:.3e} "
+          f"({diff / moved:.1e} rel.); loss {m1['loss']:.6f} vs {m2['loss']:.6f}; "
+          f"grad norm {m1['grad_norm']:.6f} vs {m2['grad_norm']:.6f}")
+    # float32 sums in a different order: measured ~5e-7 of the largest update.
+    assert diff < 1e-5 * moved
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
