@@ -18,6 +18,6 @@ def get_config():
     c.keep_checkpoints = 1
     c.data.update(image_size=32, train_size=50_000, val_size=256)
     c.optim.update(lr=1e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0)
-    c.autoencoder = ml_collections.ConfigDict(dict(num_steps=1500))
-    c.pretrain = ml_collections.ConfigDict(dict(num_steps=4000))
+    c.autoencoder = ml_collections.ConfigDict(dict(num_steps=400))
+    c.pretrain = ml_collections.ConfigDict(dict(num_steps=2500))
     return c

@@ -1,5 +1,8 @@
 """Models named ``builtin:NAME``: built by this package, with no download and no torch.
 
+``shapes``: the small text-to-image SD of the shapes world, trained by ``dpt-jax pretrain``
+(configs/pretrain_shapes.py) and shipped with the package in ``dpt_jax/assets/shapes-sd``.
+
 ``tiny-random``: a four-block SD-2.x-style U-Net, a two-level VAE and a two-layer CLIP text
 encoder with random weights, made in Flax and saved as a diffusers directory under the cache
 folder (``$DPT_JAX_CACHE`` or ``~/.cache/dpt_jax``). Tests and the tiny configs use it.
@@ -28,10 +31,19 @@ def cache_dir() -> str:
     return os.environ.get("DPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dpt_jax"))
 
 
+SHIPPED = {"shapes": os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-sd")}
+
+
 def ensure(name: str) -> str:
-    """The directory of builtin model ``name``, built on first use."""
+    """The directory of builtin model ``name``: shipped, or built on first use."""
+    if name in SHIPPED:
+        if not os.path.isfile(os.path.join(SHIPPED[name], "model_index.json")):
+            raise FileNotFoundError(f"builtin:{name} is missing from {SHIPPED[name]}: rebuild it with "
+                                    "dpt-jax pretrain --config configs/pretrain_shapes.py --workdir W --out "
+                                    f"{SHIPPED[name]}")
+        return SHIPPED[name]
     if name not in BUILDERS:
-        raise ValueError(f"unknown builtin model {name!r}: expected one of {', '.join(BUILDERS)}")
+        raise ValueError(f"unknown builtin model {name!r}: expected one of {', '.join(sorted(BUILDERS + tuple(SHIPPED)))}")
     folder = os.path.join(cache_dir(), name)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         tmp = f"{folder}.tmp{os.getpid()}"

@@ -63,11 +63,14 @@ def encode_batch(obj: Objective, frozen: Params, batch: Dict[str, jax.Array]
         n = images.shape[1]
         latents = vae_encode(sd.vae, frozen["vae"], images.reshape((-1,) + images.shape[2:]))
         latents = latents.reshape((3, n) + latents.shape[1:])
-    ids = jnp.stack([batch[k] for k in ("caption_ids", "neg_caption_ids", "rand_caption_ids", "expression_ids")])
-    n = ids.shape[1]
-    hidden, pooled = sd.text_encoder.apply({"params": frozen["text_encoder"]}, ids.reshape(-1, ids.shape[-1]))
-    hidden = hidden.reshape((4, n) + hidden.shape[1:])
-    pooled = pooled.reshape((4, n) + pooled.shape[1:])
+    if "hidden" in batch:  # precomputed text states [4, n, 77, D] and pooled [4, n, D] (the benchmark)
+        hidden, pooled = batch["hidden"], batch["pooled"]
+    else:
+        ids = jnp.stack([batch[k] for k in ("caption_ids", "neg_caption_ids", "rand_caption_ids", "expression_ids")])
+        n = ids.shape[1]
+        hidden, pooled = sd.text_encoder.apply({"params": frozen["text_encoder"]}, ids.reshape(-1, ids.shape[-1]))
+        hidden = hidden.reshape((4, n) + hidden.shape[1:])
+        pooled = pooled.reshape((4, n) + pooled.shape[1:])
     return jax.lax.stop_gradient((latents, hidden, pooled))
 
 

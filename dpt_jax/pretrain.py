@@ -45,6 +45,25 @@ def write_trained(source_dir: str, out_dir: str, trained: dict) -> str:
     return out_dir
 
 
+def set_scaling_factor(folder: str, config: ml_collections.ConfigDict, num_samples: int = 256) -> float:
+    """SD's recipe: scale latents to unit standard deviation (1 / std of the VAE's latent means)."""
+    import json
+    import numpy as np
+    from dpt_jax.data.batches import fixed_batch
+    from dpt_jax.pipeline import load_pretrained
+    from dpt_jax.train import make_dataset
+    sd = load_pretrained(folder)
+    batch = fixed_batch(make_dataset(config, "train"), sd.tokenizer, np.arange(num_samples))
+    std = float(np.std(np.asarray(sd.vae_encode(batch["image"]))) / sd.scaling_factor)
+    path = os.path.join(folder, "vae", "config.json")
+    with open(path) as f:
+        vae_config = json.load(f)
+    vae_config["scaling_factor"] = round(1.0 / std, 5)
+    with open(path, "w") as f:
+        json.dump(vae_config, f, indent=2)
+    return vae_config["scaling_factor"]
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> str:
     from dpt_jax.train import train
     start = time.perf_counter()
@@ -54,9 +73,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> s
     source = init_dir
     for stage in ("autoencoder", "pretrain"):
         run_dir = os.path.join(workdir, stage)
-        train(stage_config(config, stage, source), run_dir)
+        stage_cfg = stage_config(config, stage, source)
+        train(stage_cfg, run_dir)
         trained = checkpoints.restore_raw(run_dir)["params"]
         source = write_trained(source, os.path.join(workdir, f"{stage}-sd"), trained)
+        if stage == "autoencoder":
+            set_scaling_factor(source, stage_cfg)
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(source, out_dir)
     print(f"pretrained SD written to {out_dir} in {time.perf_counter() - start:.0f} s")

@@ -107,6 +107,10 @@ fi
 for o in "${overrides[@]}"; do
   [[ "$o" == --config.* ]] || die "after CONFIG WORKDIR only --config.key=value overrides may follow, got '$o'"
 done
+# These go into shell commands on the workers: plain characters only (complex values: in the config file).
+for word in "$workdir" "$bucket" "${overrides[@]}"; do
+  [[ "$word" =~ ^[A-Za-z0-9_./:=,+@%-]*$ ]] || die "'$word' needs quoting: put such values in the config file"
+done
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -n "$config" ]]; then
   # The workers get a copy of this tree: the config must be inside it, named relative to its root.
@@ -121,11 +125,14 @@ remote_dir="dpt-jax"               # on each worker, under the login user's home
 log_file="dpt-jax-train.log"
 
 run() {  # print a command, then run it unless --dry-run
-  printf '+'; printf ' %q' "$@"; printf '\n'
+  echo "+ $*"
   ((dry_run)) || "$@"
 }
 on_workers() {  # $1: worker (all | 0), $2: shell command run there
-  run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker="$1" --command="$2"
+  echo "+ gcloud compute tpus tpu-vm ssh $name ${where[*]} --worker=$1 --command=<<'REMOTE'"
+  echo "$2"
+  echo "REMOTE"
+  ((dry_run)) || gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker="$1" --command="$2"
 }
 
 do_create() {
@@ -149,40 +156,50 @@ do_create() {
 }
 
 do_install() {
-  local archive
-  archive="$(mktemp -d)/dpt-jax.tar.gz"
-  # Tracked and new files of this tree, without the local venv, runs and caches.
+  local archive="${TMPDIR:-/tmp}/dpt-jax-$name.tar.gz"
+  # This tree without the local venv, runs and caches.
   run tar -czf "$archive" -C "$repo" --exclude=.git --exclude=.venv --exclude=runs --exclude=launch_logs \
-    --exclude='*.egg-info' --exclude=__pycache__ .
+    --exclude="*.egg-info" --exclude=__pycache__ .
   run gcloud compute tpus tpu-vm scp "$archive" "$name":dpt-jax.tar.gz "${where[@]}" --worker=all
-  local setup="set -e; rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf dpt-jax.tar.gz -C $remote_dir"
-  setup+=" && python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e '${remote_dir}[tpu]'"
+  local setup="set -e
+rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf dpt-jax.tar.gz -C $remote_dir
+python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e \"${remote_dir}[tpu]\""
   if [[ -n "$bucket" ]]; then
     # gcsfuse from Google's apt repository; --implicit-dirs shows folders made by other workers.
-    setup+=" && if ! command -v gcsfuse >/dev/null; then"
-    setup+=" echo 'deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main'"
-    setup+=" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
-    setup+=" && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -"
-    setup+=" && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi"
-    setup+=" && sudo mkdir -p /gcs/$bucket && sudo chown \$USER /gcs/$bucket"
-    setup+=" && (mountpoint -q /gcs/$bucket || gcsfuse --implicit-dirs --rename-dir-limit=100000 $bucket /gcs/$bucket)"
+    setup+="
+if ! command -v gcsfuse >/dev/null; then
+  echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" |
+    sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -
+  sudo apt-get update -q && sudo apt-get install -y -q gcsfuse
+fi
+sudo mkdir -p /gcs/$bucket && sudo chown \$USER /gcs/$bucket
+mountpoint -q /gcs/$bucket || gcsfuse --implicit-dirs --rename-dir-limit=100000 $bucket /gcs/$bucket"
   fi
   on_workers all "$setup"
 }
 
 do_start() {
-  local cmd
-  cmd="cd $remote_dir && export PATH=\$HOME/.local/bin:\$PATH"
-  cmd+=" && nohup bash -c $(printf %q "dpt-jax train --config $(printf %q "$config") --workdir $(printf %q "$workdir")$(
-    ((${#overrides[@]} == 0)) || printf ' %q' "${overrides[@]}"); echo \$? > ~/dpt-jax-train.rc")"
-  cmd+=" > ~/$log_file 2>&1 < /dev/null & echo \$! > ~/dpt-jax-train.pid"
-  on_workers all "rm -f ~/dpt-jax-train.rc; $cmd"
+  # A wrapper on each worker runs the training under nohup (an ssh drop does not stop it), passes
+  # `stop`'s SIGTERM on to it and records its exit status for `logs`.
+  local train="dpt-jax train --config $config --workdir $workdir${overrides[*]:+ ${overrides[*]}}"
+  on_workers all "cd $remote_dir && rm -f ~/dpt-jax-train.rc && cat > ~/dpt-jax-run.sh <<'EOF'
+export PATH=\$HOME/.local/bin:\$PATH
+$train &
+child=\$!
+trap 'kill -TERM \$child' TERM
+while :; do wait \$child; rc=\$?; kill -0 \$child 2>/dev/null || break; done
+echo \$rc > ~/dpt-jax-train.rc
+EOF
+nohup bash ~/dpt-jax-run.sh > ~/$log_file 2>&1 < /dev/null & echo \$! > ~/dpt-jax-train.pid"
 }
 
 do_logs() {
   # Follow until the training process ends, then return its exit status.
-  on_workers 0 "tail -n +1 -F ~/$log_file --pid=\$(cat ~/dpt-jax-train.pid) 2>/dev/null; sleep 1;
-    rc=\$(cat ~/dpt-jax-train.rc 2>/dev/null || echo 1); echo \"training exited with status \$rc\"; exit \$rc"
+  on_workers 0 "tail -n +1 -F ~/$log_file --pid=\$(cat ~/dpt-jax-train.pid) 2>/dev/null
+rc=\$(cat ~/dpt-jax-train.rc 2>/dev/null || echo 1)
+echo \"training exited with status \$rc\"
+exit \$rc"
 }
 
 do_stop() {

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,8 +29,8 @@ TIMEOUT = 900
 
 
 def _env(devices=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DPT_COORDINATOR", "DPT_NUM_PROCESSES",
-                                                                      "DPT_PROCESS_ID", "DPT_DISTRIBUTED"))}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DPT_COORDINATOR", "DPT_NUM_PROCESSES", "DPT_PROCESS_ID", "DPT_DISTRIBUTED")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -53,19 +54,22 @@ def _run(cmd, devices=None):
 
 
 def _interrupt_after_first_step(cmd, workdir, devices=None):
-    """Start ``cmd``, SIGTERM it once step 1's metrics are written, wait for it to exit."""
-    proc = subprocess.Popen(cmd, env=_env(devices), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    """Start ``cmd``, SIGTERM it once step 1's metrics are written, wait for it to exit; its stderr."""
     metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + TIMEOUT
-    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
-        assert proc.poll() is None, f"exited before step 1 ({proc.returncode}):\n{proc.communicate()[1][-3000:]}"
-        assert time.time() < deadline, "no metrics in time"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, f"exit status {proc.returncode} after SIGTERM:\n{out[-2000:]}\n{err[-3000:]}"
-    return out, err
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads while it runs
+        proc = subprocess.Popen(cmd, env=_env(devices), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + TIMEOUT
+        while not (os.path.exists(metrics) and os.path.getsize(metrics)) and proc.poll() is None:
+            if time.time() > deadline:
+                proc.kill()
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{output[-4000:]}"
+    return output
 
 
 def _steps(workdir):
@@ -153,7 +157,7 @@ from dpt_jax.train import Trainer
 out = {}
 for fsdp in (1, 4):
     c = tiny("probe")
-    c.fsdp, c.adapter.dropout, c.num_steps = fsdp, 0.0, 2
+    c.fsdp, c.adapter.dropout, c.num_steps, c.optim.lr = fsdp, 0.0, 2, 1e-4
     trainer = Trainer(c, f"{sys.argv[1]}/fsdp{fsdp}")
     # The tiny model's weights all lie under parallel's 2**18-element threshold: shard every weight of
     # 4096 elements or more, so that the fsdp layout really is exercised.
@@ -169,9 +173,9 @@ for fsdp in (1, 4):
             losses.append(float(metrics["loss"]))
     out[fsdp] = dict(losses=losses, mesh=dict(trainer.mesh.shape), per_device=per_device,
                      total=sum(x.nbytes for x in leaves),
-                     params=[np.asarray(p).tolist() for p in jax.tree_util.tree_leaves(jax.device_get(state.params))])
+                     params=[np.asarray(p) for p in jax.tree_util.tree_leaves(jax.device_get(state.params))])
 a, b = out[1], out[4]
-diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a["params"], b["params"]))
+diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a["params"], b["params"]))
 print(json.dumps(dict(losses={k: v["losses"] for k, v in out.items()}, mesh={k: v["mesh"] for k, v in out.items()},
                       per_device={k: v["per_device"] for k, v in out.items()}, total=a["total"], param_diff=diff)))
 """
@@ -187,14 +191,16 @@ def test_fsdp_layout_gives_the_replicated_loss(tmp_path):
     assert r["per_device"]["4"] < 0.5 * r["total"]
     # Same batch, same math, another partitioning: float32 reduction order only.
     np.testing.assert_allclose(r["losses"]["4"], r["losses"]["1"], rtol=1e-5)
-    assert r["param_diff"] < 1e-6
+    # Adam scales every gradient component to ~1, so float32 noise in near-zero components moves
+    # parameters by a small fraction of lr (1e-4): measured 5e-7 after two steps.
+    assert r["param_diff"] < 2e-6
 
 
 # ---- preemption and many processes ------------------------------------------------------------------
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(reference, tmp_path):
     workdir = tmp_path / "preempted"
-    _, err = _interrupt_after_first_step(_train_cmd(workdir), workdir, devices=4)
+    err = _interrupt_after_first_step(_train_cmd(workdir), workdir, devices=4)
     steps = _steps(workdir)
     assert len(steps) == 1 and 1 <= steps[0] < STEPS, f"checkpoints {steps}: the SIGTERM came too late?"
     assert f"checkpoint of step {steps[0]} saved" in err
@@ -214,8 +220,8 @@ def test_two_processes_of_two_devices_match_one_process_of_four(reference, tmp_p
     restore identical parameters from the checkpoint."""
     workdir, logs = tmp_path / "run_2x2", tmp_path / "logs"
     launch = _local(logs, _train_cmd(workdir))
-    out, _ = _interrupt_after_first_step(launch, workdir)
-    assert "passing SIGTERM on to all processes" in out
+    err = _interrupt_after_first_step(launch, workdir)
+    assert "passing SIGTERM on to all processes" in err
     steps = _steps(workdir)
     assert len(steps) == 1 and 1 <= steps[0] < STEPS, f"checkpoints {steps}: the SIGTERM came too late?"
     for i in range(2):
@@ -234,7 +240,7 @@ def test_two_processes_of_two_devices_match_one_process_of_four(reference, tmp_p
     assert sorted(got) == list(range(1, STEPS + 1))
     # Same samples, noise and math; the all-reduce sums in another order (float32).
     assert diff < 1e-5
-    assert loss_diff < 1e-4
+    assert loss_diff < 2e-5
     assert len(val) >= 4  # evaluate() split the rows over the processes
     for k, (a, b) in val.items():
         assert abs(a - b) < 1e-5, k
@@ -254,9 +260,11 @@ def test_generate_on_two_processes_writes_the_one_process_images(tmp_path):
     from PIL import Image
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\ntwo blue circles\na green triangle\n")
-    cmd = lambda out: [sys.executable, "-m", "dpt_jax.cli", "generate", "--pretrained", "builtin:tiny-random",
-                       "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--latent-size", "8",
-                       "--batch-size", "4"]
+
+    def cmd(out):
+        return [sys.executable, "-m", "dpt_jax.cli", "generate", "--pretrained", "builtin:tiny-random",
+                "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--latent-size", "8", "--batch-size", "4"]
+
     _run(_local(tmp_path / "logs", cmd(tmp_path / "two")))
     _run(cmd(tmp_path / "one"), devices=4)
     assert (tmp_path / "two" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
@@ -301,6 +309,7 @@ def _script(name, *args):
     ("tpu_vm.sh", ["create", "--project", "p", "--zone", "z", "--accelerator-type", "big"], "does not look like"),
     ("tpu_vm.sh", ["start", "--project", "p", "--zone", "z", "configs/none.py", "runs/x"], "config file not found"),
     ("tpu_vm.sh", ["start", "--project", "p", "--zone", "z", "configs/probe_tiny.py"], "start needs CONFIG WORKDIR"),
+    ("tpu_vm.sh", ["start", "--project", "p", "--zone", "z", "configs/probe_tiny.py", "runs/a b"], "needs quoting"),
 ])
 def test_launch_scripts_stop_with_a_clear_message(name, args, message):
     result = _script(name, *args)
@@ -330,8 +339,9 @@ def test_launch_dry_runs_print_the_commands():
                   "/gcs/b/runs/x", "--config.batch_size=64")
     assert tpu.returncode == 0, tpu.stderr
     for part in ("gcloud compute tpus tpu-vm create t1 --project=p --zone=us-central2-b --accelerator-type=v4-32",
-                 "gcloud compute tpus tpu-vm scp", "--worker=all", "gcsfuse", "dpt-jax\\ train",
-                 "configs/probe_tiny.py", "tail -n +1 -F", "gcloud compute tpus tpu-vm delete t1"):
+                 "gcloud compute tpus tpu-vm scp", "--worker=all", "gcsfuse --implicit-dirs",
+                 "dpt-jax train --config configs/probe_tiny.py --workdir /gcs/b/runs/x --config.batch_size=64 &",
+                 "trap 'kill -TERM $child' TERM", "tail -n +1 -F", "gcloud compute tpus tpu-vm delete t1"):
         assert part in tpu.stdout, part
     queued = _script("tpu_vm.sh", "create", "--dry-run", "--queued", "--spot", "--project", "p", "--zone", "z",
                      "--accelerator-type", "v5litepod-16")
@@ -341,20 +351,24 @@ def test_launch_dry_runs_print_the_commands():
 # ---- run as a script by each process of a launch -------------------------------------------------
 
 def _report_params(workdir: str) -> None:
-    """Restore the run's latest checkpoint as training does and print what this process holds."""
+    """Restore the run's latest checkpoint onto all devices of all processes, replicated, as a
+    resume does (checkpoints.Manager.restore_latest), and print what this process holds."""
     import jax
-    import ml_collections
-    from dpt_jax import distributed
+    import orbax.checkpoint as ocp
+    from dpt_jax import checkpoints, distributed, parallel
     distributed.initialize()
-    from dpt_jax.train import Trainer
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    state = Trainer(config, workdir).initial_state()
-    leaves = jax.tree_util.tree_leaves(state.params)
+    item = os.path.join(checkpoints.resolve_step_dir(workdir), "default")
+    checkpointer = ocp.StandardCheckpointer()
+    replicated = parallel.replicated(parallel.make_mesh())
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                                    checkpointer.metadata(item).item_metadata.tree,
+                                    is_leaf=lambda x: hasattr(x, "dtype"))
+    state = checkpointer.restore(item, target)
+    leaves = jax.tree_util.tree_leaves(state["params"])
     # Every local device holds a full replica: all must agree.
     copies = [_digest([np.asarray(x.addressable_shards[d].data) for x in leaves])
               for d in range(len(jax.local_devices()))]
-    print("PARAMS " + json.dumps(dict(process=jax.process_index(), step=int(state.step), digest=copies[0],
+    print("PARAMS " + json.dumps(dict(process=jax.process_index(), step=int(state["step"]), digest=copies[0],
                                       devices_agree=len(set(copies)) == 1)), flush=True)
 
 
