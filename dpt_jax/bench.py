@@ -7,16 +7,18 @@ The measurements of ``shared/bench/torch_dpt_reference.py`` (same names, same JS
   probe  - one stage-1 step: six passes stopped at the tap, the U-Net frozen, only the adapter trains;
   sample - 50-step DDIM with CFG 7.5, without and with self-correction (eta 0.5).
 
-Weights are random (speed does not depend on them): the U-Net is SD-2.1-base (random N(0, 0.02^2)
-weights made on the device, stored bfloat16), latents and text states [B, 77, 1024] are fed
-directly (no VAE, no text tower), compute is bfloat16, trainable parameters float32.
-Each line reports the compile time, the median and best time of ``--iters`` runs after
-``--warmup`` untimed ones, throughput, and MFU = XLA's ``cost_analysis()`` flops of the compiled
-program / median time / the chip's dense bf16 peak (null where the peak is unknown, e.g. CPU).
-XLA counts no flops inside cuDNN's fused-attention custom calls, so on GPU the MFU is a lower bound.
+Weights are random (speed does not depend on them): the U-Net is SD-2.1-base stored bfloat16,
+latents and text states [B, 77, 1024] are fed directly (no VAE, no text tower), compute is
+bfloat16, trainable parameters (LoRA, adapter, AdamW moments) float32; the train step is the
+trainer's ``train_step`` jitted with the state donated. One JSON line per measurement with the
+anchor's keys (impl, device, batch, shapes, what, median_s, min_s, samples_per_s or images_per_s)
+plus compile_s, tflop (XLA's ``cost_analysis()`` of the compiled program; a sampling loop's body
+times the steps), mfu = tflop / median_s / the chip's dense bf16 peak (null where unknown, e.g. on
+a CPU; a lower bound where XLA gives cuDNN's fused attention no flops), recompiles (XLA compiles
+during the timed runs: 0) and cache_size (executables of the jitted function: 1).
 
     python -m dpt_jax.bench --what tune,probe,sample            # SD-2.1-base shapes (accelerator)
-    python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, < 1 min
+    python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, ~1 min
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -50,6 +53,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 # Batch sizes per measurement when --batch is not given (the issue's table).
 DEFAULT_BATCHES = {"tune": (4,), "probe": (4, 8), "sample": (8,)}
 WHATS = tuple(DEFAULT_BATCHES)
+# --tiny is a smoke run on a CPU, where compiling dominates: LLVM at -O0 compiles 2-3x faster.
+TINY_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # SD-2.1's OpenCLIP-H text tower: only its width is read (the adapter's text side).
 SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                  hidden_act="gelu")
@@ -173,16 +178,21 @@ def chip_peak(dtype: Any) -> Optional[float]:
     return next((peak for name, peak in PEAK_BF16_FLOPS.items() if name in kind), None)
 
 
+def cache_size(jitted: Callable) -> int:
+    """Executables ``jitted`` holds (1: compiled once); -1 where jax does not say."""
+    return getattr(jitted, "_cache_size", lambda: -1)()
+
+
 def device_name() -> str:
     return "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
 
 
 def report(base: Dict[str, Any], what: str, batch: int, unit: str, median: float, best: float, compile_s: float,
-           flops: float, peak: Optional[float], recompiles: int, cache_size: int, **extra: Any) -> Dict[str, Any]:
+           flops: float, peak: Optional[float], recompiles: int, executables: int, **extra: Any) -> Dict[str, Any]:
     line = dict(base, batch=batch, what=what, **extra, median_s=round(median, 5), min_s=round(best, 5),
                 **{unit: round(batch / median, 3)}, compile_s=round(compile_s, 2),
                 mfu=round(flops / median / peak, 4) if peak and flops else None,
-                tflops=round(flops / 1e12, 4), recompiles=recompiles, cache_size=cache_size)
+                tflop=float(f"{flops / 1e12:.4g}"), recompiles=recompiles, cache_size=executables)
     print(json.dumps(line), flush=True)
     return line
 
@@ -205,7 +215,7 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
         return metrics
     median, best, recompiles = time_runs(run, args.iters, args.warmup)
     return report(base, f"{stage}_step", batch, "samples_per_s", median, best, compile_s, flops_of(compiled),
-                  chip_peak(sd.unet.dtype), recompiles, step._cache_size())
+                  chip_peak(sd.unet.dtype), recompiles, cache_size(step))
 
 
 def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, args: argparse.Namespace,
@@ -224,7 +234,7 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
     flops = flops_of(compiled) * (args.steps if " while(" in compiled.as_text() else 1)
     median, best, recompiles = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
     return report(base, "sample", batch, "images_per_s", median, best, compile_s, flops, chip_peak(sd.unet.dtype),
-                  recompiles, sample._cache_size(), eta=eta, steps=args.steps)
+                  recompiles, cache_size(sample), eta=eta, steps=args.steps)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -232,13 +242,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--what", default=",".join(WHATS), help=f"comma-separated subset of {','.join(WHATS)}")
     parser.add_argument("--batch", default="", help="comma-separated batch sizes for every measurement "
                         f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_BATCHES.items())})")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--iters", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--steps", type=int, help="sampling steps (default 50; --tiny: 10)")
+    parser.add_argument("--iters", type=int, help="timed runs per measurement (default 5; --tiny: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and frozen dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
     args = parser.parse_args(argv)
+    # --tiny checks that everything runs: fewer steps and runs (each tiny step is slow at -O0).
+    args.steps = args.steps or (10 if args.tiny else 50)
+    args.iters = args.iters or (2 if args.tiny else 5)
     args.what = [w for w in args.what.split(",") if w]
     unknown = sorted(set(args.what) - set(WHATS))
     if unknown:
@@ -248,6 +261,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     args = parse_args(argv)
+    if args.tiny:  # read when the backend starts: no effect if this process already used jax
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TINY_XLA_FLAGS}".strip()
     shapes = bench_shapes(args.tiny)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     sd = bench_sd(shapes, dtype, args.seed)

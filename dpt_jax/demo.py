@@ -25,9 +25,9 @@ MODEL = "builtin:shapes"
 CATEGORIES = ("single", "relation", "count")
 
 
-def demo_config(stage: str, quick: bool) -> Any:
+def demo_config(stage: str, quick: bool, pretrained: str = MODEL) -> Any:
     c = base(stage)
-    c.pretrained = MODEL
+    c.pretrained = pretrained
     c.batch_size = 16
     c.grad_accum = 1
     c.log_every = 10
@@ -95,10 +95,10 @@ def _fmt(acc: float, ci) -> str:
     return f"{100 * acc:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
-def write_report(out: str, disc: Dict[str, Any], alignment: Dict[str, Dict[str, Any]], timings: Dict[str, float],
+def write_report(out: str, model: str, disc: Dict[str, Any], alignment: Dict[str, Dict[str, Any]], timings: Dict[str, float],
                  torch_check: str) -> str:
     lines = ["# dpt-jax demo: DPT on the shapes world", "",
-             f"Model: `{MODEL}` (small SD trained by `dpt-jax pretrain`). Percentages with 95% Wilson intervals.", "",
+             f"Model: `{model}`. Percentages with 95% Wilson intervals.", "",
              "## Discriminative probing (val split, t = 500)", "",
              "| adapter | ITM text acc | ITM image acc | ITM overall | REC P@1 (IoU>=0.5) | REC P@1 (GIoU>=0.5) | n |",
              "|---|---|---|---|---|---|---|"]
@@ -155,22 +155,22 @@ def torch_reload_check(export_dir: str, prompt: str, out: str) -> str:
     return f"the exported pipeline loaded in diffusers and generated [diffusers_reload.png](diffusers_reload.png) for '{prompt}'"
 
 
-def run_demo(out: str, quick: bool = False) -> str:
+def run_demo(out: str, quick: bool = False, pretrained: str = MODEL) -> str:
     from dpt_jax.evaluate import evaluate_discriminative
     from dpt_jax.export import export
     from dpt_jax.images import save_grid
-    from dpt_jax.train import build_objective, load_trained, make_dataset, train
+    from dpt_jax.train import build_objective, load_trained, make_dataset, train_stage
 
     os.makedirs(out, exist_ok=True)
     timings: Dict[str, float] = {}
     t = time.perf_counter()
     runs = {"probe": os.path.join(out, "runs", "probe"), "tune": os.path.join(out, "runs", "tune")}
     print("[1/5] stage 1: probing the frozen U-Net", flush=True)
-    train(demo_config("probe", quick), runs["probe"])
+    train_stage(demo_config("probe", quick, pretrained), runs["probe"])
     print("[2/5] stage 2: LoRA + adapter tuning", flush=True)
-    tune_config = demo_config("tune", quick)
+    tune_config = demo_config("tune", quick, pretrained)
     tune_config.init_from = runs["probe"]
-    train(tune_config, runs["tune"])
+    train_stage(tune_config, runs["tune"])
     timings["training"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -206,7 +206,7 @@ def run_demo(out: str, quick: bool = False) -> str:
     timings["export"] = time.perf_counter() - t
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"discriminative": disc, "alignment": alignment, "timings": timings}, f, indent=1)
-    path = write_report(out, disc, alignment, timings, torch_check)
+    path = write_report(out, pretrained, disc, alignment, timings, torch_check)
     print(f"report: {path}")
     return path
 
@@ -215,7 +215,8 @@ def main(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(prog="dpt-jax demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a shortened run (CI's end-to-end test)")
+    p.add_argument("--pretrained", default=MODEL, help="the SD to start from (default: the shipped shapes model)")
     args = p.parse_args(list(argv))
     from absl import logging
     logging.set_verbosity(logging.WARNING)
-    run_demo(args.out, args.quick)
+    run_demo(args.out, args.quick, args.pretrained)

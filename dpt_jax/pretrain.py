@@ -65,7 +65,7 @@ def set_scaling_factor(folder: str, config: ml_collections.ConfigDict, num_sampl
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> str:
-    from dpt_jax.train import train
+    from dpt_jax.train import train_stage
     start = time.perf_counter()
     init_dir = os.path.join(workdir, "init-sd")
     if not os.path.isfile(os.path.join(init_dir, "model_index.json")):
@@ -74,7 +74,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> s
     for stage in ("autoencoder", "pretrain"):
         run_dir = os.path.join(workdir, stage)
         stage_cfg = stage_config(config, stage, source)
-        train(stage_cfg, run_dir)
+        train_stage(stage_cfg, run_dir)
         trained = checkpoints.restore_raw(run_dir)["params"]
         source = write_trained(source, os.path.join(workdir, f"{stage}-sd"), trained)
         if stage == "autoencoder":

@@ -276,7 +276,8 @@ class Trainer:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-    """Run (or resume) a training run; returns the last logged metrics."""
+    """Run (or resume) a training run; returns the last logged metrics (``preempted`` set when a
+    SIGTERM stopped it early)."""
     from tqdm import tqdm
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config, workdir)
@@ -315,6 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                 trainer.ckpt.save(done, state, force=True)
                 logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
                                 done, trainer.ckpt.directory)
+                last["preempted"] = 1.0  # callers running several stages stop here too
                 break
             trainer.ckpt.save(done, state, force=done == config.num_steps)
     preemption.close()
@@ -351,3 +353,12 @@ def load_trained(path: str, pretrained: Optional[str] = None) -> TrainedRun:
     params = jax.tree_util.tree_map(jnp.asarray, raw["params"])
     return TrainedRun(config=config, sd=sd, adapter=build_adapter(config, sd), lora_spec=lora_spec(config),
                       step=int(raw["step"]), params=params)
+
+
+def train_stage(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+    """:func:`train` for a step of a multi-stage command: a preemption ends the whole command
+    (exit 0); rerunning it resumes the stage and skips the stages already finished."""
+    last = train(config, workdir)
+    if last.get("preempted"):
+        raise SystemExit(0)
+    return last

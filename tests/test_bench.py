@@ -1,0 +1,32 @@
+"""``dpt-jax bench --tiny``: every measurement runs, reports the anchor's keys, compiles once."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+# The keys of shared/bench/torch_dpt_reference.py's lines: both sides can be put side by side.
+ANCHOR_KEYS = {"impl", "device", "batch", "shapes", "what", "median_s", "min_s"}
+
+
+def test_bench_tiny_lines():
+    # A fresh process: --tiny's XLA flags act only before jax starts; the CLI shares the
+    # persistent compilation cache with the other tests.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "bench", "--tiny", "--batch", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [(x["what"], x.get("eta")) for x in lines] == [
+        ("tune_step", None), ("probe_step", None), ("sample", 0.0), ("sample", 0.5)]
+    for x in lines:
+        unit = "images_per_s" if x["what"] == "sample" else "samples_per_s"
+        assert ANCHOR_KEYS | {unit, "compile_s", "mfu", "tflop"} <= set(x), x
+        assert (x["impl"], x["device"], x["shapes"], x["batch"]) == ("dpt-jax", "cpu", "tiny", 2)
+        for key in ("median_s", "min_s", unit, "compile_s", "tflop"):
+            assert math.isfinite(x[key]) and x[key] > 0, (key, x)
+        assert x["min_s"] <= x["median_s"]
+        assert x["mfu"] is None  # no known peak on a CPU
+        # Compiled once, before timing: no recompilation across the timed iterations.
+        assert x["recompiles"] == 0 and x["cache_size"] == 1, x
+    assert lines[3]["tflop"] > lines[2]["tflop"]  # self-correction adds a gradient per step
