@@ -212,7 +212,7 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
     def run() -> Any:
         nonlocal state
         state, metrics = step(state, frozen, data)
-        return metrics
+        return state, metrics
     median, best, recompiles = time_runs(run, args.iters, args.warmup)
     return report(base, f"{stage}_step", batch, "samples_per_s", median, best, compile_s, flops_of(compiled),
                   chip_peak(sd.unet.dtype), recompiles, cache_size(step))

@@ -37,7 +37,7 @@ def demo_config(stage: str, quick: bool, pretrained: str = MODEL) -> Any:
     c.data.update(image_size=32, train_size=20_000, val_size=512)
     c.adapter.update(d_model=128, num_heads=4, ffn_dim=256, num_rec_queries=16, num_itm_queries=4, fusion_size=8)
     c.optim.update(lr=5e-4, warmup_steps=20)
-    c.num_steps = (40 if quick else 400) if stage == "probe" else (20 if quick else 150)
+    c.num_steps = (20 if quick else 400) if stage == "probe" else (10 if quick else 150)
     if stage == "tune":
         c.optim.update(lr=2e-4, schedule="cosine")
     return c
@@ -175,21 +175,22 @@ def run_demo(out: str, quick: bool = False, pretrained: str = MODEL) -> str:
 
     t = time.perf_counter()
     print("[3/5] evaluating ITM and REC on the val split", flush=True)
-    n_eval = 64 if quick else 512
+    n_eval = 32 if quick else 512
     disc = {}
     for name in ("probe", "tune"):
         run = load_trained(runs[name])
         obj = build_objective(run.config, run.sd)
         label = "stage 1 (probe)" if name == "probe" else "stage 2 (tuned)"
         disc[label] = evaluate_discriminative(obj, run.params, run.sd.frozen_params(),
-                                              make_dataset(run.config, "val"), run.sd.tokenizer, n_eval, 64)
+                                              make_dataset(run.config, "val"), run.sd.tokenizer, n_eval,
+                                              min(n_eval, 64))
     timings["evaluation"] = time.perf_counter() - t
 
     t = time.perf_counter()
     print("[4/5] generating with base, tuned and tuned + self-correction", flush=True)
-    prompts = prompt_set(24 if quick else 240)
+    prompts = prompt_set(12 if quick else 240)
     run = load_trained(runs["tune"])
-    images = generate_variants(run, prompts, steps=10 if quick else 25, eta_sc=0.5, batch_size=48)
+    images = generate_variants(run, prompts, steps=5 if quick else 25, eta_sc=0.5, batch_size=48)
     alignment = {name: oracle_alignment(imgs, prompts) for name, imgs in images.items()}
     for name, imgs in images.items():
         save_grid(imgs[:32], os.path.join(out, f"grid_{_slug(name)}.png"), columns=8)

@@ -279,7 +279,7 @@ SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")))
 
 
 def test_launch_scripts_parse_and_pass_shellcheck():
-    assert [os.path.basename(s) for s in SCRIPTS] == ["gpu_slurm.sh", "local.sh", "tpu_vm.sh"]
+    assert [os.path.basename(s) for s in SCRIPTS] == ["bench_gpu.sh", "gpu_slurm.sh", "local.sh", "tpu_vm.sh"]
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
         assert result.returncode == 0, f"bash -n {script}: {result.stderr}"
