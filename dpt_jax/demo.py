@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from dpt_jax.default_config import base
+from dpt_jax.default_config import tiny
 from dpt_jax.evaluate import wilson_interval
 
 MODEL = "builtin:shapes"
@@ -26,16 +26,15 @@ CATEGORIES = ("single", "relation", "count")
 
 
 def demo_config(stage: str, quick: bool, pretrained: str = MODEL) -> Any:
-    c = base(stage)
+    c = tiny(stage)  # 32 px shapes data, as the shapes model was trained on
     c.pretrained = pretrained
     c.batch_size = 16
-    c.grad_accum = 1
     c.log_every = 10
     c.eval_every = 0
     c.checkpoint_every = 100
     c.keep_checkpoints = 1
-    c.data.update(image_size=32, train_size=20_000, val_size=512)
-    c.adapter.update(d_model=128, num_heads=4, ffn_dim=256, num_rec_queries=16, num_itm_queries=4, fusion_size=8)
+    c.data.update(train_size=20_000, val_size=512)
+    c.adapter.update(d_model=128, ffn_dim=256, num_rec_queries=16)
     c.optim.update(lr=5e-4, warmup_steps=20)
     c.num_steps = (20 if quick else 400) if stage == "probe" else (10 if quick else 150)
     if stage == "tune":

@@ -37,12 +37,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from PIL import Image
 
+from dpt_jax.data.shapes import stack_samples
+
 log = logging.getLogger(__name__)
 
 Span = Tuple[int, int]
 ImageRef = Union[int, str]  # int: another record's image; str: a path relative to image_root
 WHOLE_IMAGE_BOX = (0.5, 0.5, 1.0, 1.0)
-INT_KEYS = ("index", "rand_index")
 
 # Per-sample stream purposes (as in shapes.py), so one draw does not shift another.
 _NEG_CAPTION, _NEG_IMAGE, _RAND = 1, 2, 3
@@ -65,24 +66,6 @@ class Record:
 
 def _where(path: str, line: Union[int, str]) -> str:
     return f"{path}:{line}"
-
-
-def stack_samples(samples: Sequence[dict]) -> dict:
-    """Stack sample dicts as ``ShapesDataset.batch`` does (plus ``has_rec`` as a bool array)."""
-    if not samples:
-        raise ValueError("empty batch")
-    out = {}
-    for key, value in samples[0].items():
-        vals = [smp[key] for smp in samples]
-        if isinstance(value, np.ndarray):
-            out[key] = np.stack(vals)
-        elif key in INT_KEYS:
-            out[key] = np.asarray(vals, np.int64)
-        elif key == "has_rec":
-            out[key] = np.asarray(vals, bool)
-        else:
-            out[key] = vals
-    return out
 
 
 def shard_indices(n: int, process_index: int, process_count: int, seed: int, epoch: int,

@@ -393,16 +393,23 @@ class ShapesDataset:
 
     def batch(self, indices: Sequence[int]) -> dict:
         """Stack samples: arrays gain a leading N axis, everything else becomes a list."""
-        samples = [self[i] for i in indices]
-        if not samples:
-            raise ValueError("empty batch")
-        out = {}
-        for key, value in samples[0].items():
-            vals = [smp[key] for smp in samples]
-            if isinstance(value, np.ndarray):
-                out[key] = np.stack(vals)
-            elif key in ("index", "rand_index"):
-                out[key] = np.asarray(vals, np.int64)
-            else:
-                out[key] = vals
-        return out
+        return stack_samples([self[i] for i in indices])
+
+
+def stack_samples(samples: Sequence[dict]) -> dict:
+    """Stack sample dicts (of any data set of the package): arrays gain a leading N axis, ids
+    become int64 arrays, ``has_rec`` a bool array, everything else a list."""
+    if not samples:
+        raise ValueError("empty batch")
+    out = {}
+    for key, value in samples[0].items():
+        vals = [smp[key] for smp in samples]
+        if isinstance(value, np.ndarray):
+            out[key] = np.stack(vals)
+        elif key in ("index", "rand_index"):
+            out[key] = np.asarray(vals, np.int64)
+        elif key == "has_rec":
+            out[key] = np.asarray(vals, bool)
+        else:
+            out[key] = vals
+    return out
