@@ -54,37 +54,44 @@ def test_probe_loss_falls_and_metrics_are_logged(tmp_path):
     assert os.path.isdir(tmp_path / "tensorboard") and os.listdir(tmp_path / "tensorboard")
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stage", ["probe", "tune"])
+def test_resume_matches_uninterrupted_run(tmp_path, stage, monkeypatch):
+    from dpt_jax import train as train_module
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train(_small(steps=6), full)
-    train(_small(steps=3), part)
-    train(_small(steps=6), part)  # the same command on the same workdir resumes at step 3
+    train(_small(stage, steps=6), full)
+    with monkeypatch.context() as m:  # the run is interrupted (as by SIGTERM) after step 3
+        m.setattr(train_module.Preemption, "reached", lambda self, step: step == 3)
+        assert train(_small(stage, steps=6), part)["preempted"]
+    train(_small(stage, steps=6), part)  # the same command on the same workdir resumes at step 3
     assert _max_diff(_params(full), _params(part)) == 0.0
     rows_full = {r["step"]: r["loss"] for r in read_metrics(full)}
     rows_part = {r["step"]: r["loss"] for r in read_metrics(part)}
     assert [rows_part[s] for s in range(1, 7)] == [rows_full[s] for s in range(1, 7)]
 
 
-def _cli_train(workdir, *flags, devices=1):
+def _cli_train(workdir, *flags, devices=1, config="probe_tiny.py"):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "dpt_jax.cli", "train", "--config", os.path.join(REPO, "configs", "probe_tiny.py"),
+    cmd = [sys.executable, "-m", "dpt_jax.cli", "train", "--config", os.path.join(REPO, "configs", config),
            "--workdir", workdir, *flags]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_eight_devices_match_one_device(tmp_path):
+@pytest.mark.parametrize("config", ["probe_tiny.py", "tune_tiny.py"])
+def test_eight_devices_match_one_device(tmp_path, config):
     flags = ["--config.num_steps=3", "--config.eval_every=0", "--config.adapter.dropout=0.0",
              "--config.checkpoint_every=3"]
+    if config == "tune_tiny.py":  # 2 micro-batches must split over 8 devices
+        flags.append("--config.batch_size=16")
     runs = {}
     for devices in (1, 8):
         workdir = str(tmp_path / f"dev{devices}")
-        result = _cli_train(workdir, *flags, devices=devices)
+        result = _cli_train(workdir, *flags, devices=devices, config=config)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[devices] = workdir
     diff = _max_diff(_params(runs[1]), _params(runs[8]))
-    print(f"max |params(8 devices) - params(1 device)| = {diff:.2e}")
+    print(f"{config}: max |params(8 devices) - params(1 device)| = {diff:.2e}")
     assert diff < 1e-5
 
 
