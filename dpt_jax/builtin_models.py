@@ -15,7 +15,6 @@ from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dpt_jax import testing, weights
 
@@ -92,12 +91,7 @@ def write_sd_dir(folder: str, unet_config: Dict[str, Any], vae_cfg: Dict[str, An
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
-    for component, filename in (("unet", "diffusion_pytorch_model.safetensors"),
-                                ("vae", "diffusion_pytorch_model.safetensors"),
-                                ("text_encoder", "model.safetensors")):
-        state = weights.params_to_state_dict(jax.device_get(params[component]))
-        weights.save_safetensors({k: v.astype(np.float32) for k, v in state.items()},
-                                 os.path.join(folder, component, filename), metadata={"format": "pt"})
+    weights.save_components(params, folder)
     return folder
 
 
@@ -108,7 +102,7 @@ def build_random_sd(folder: str, seed: int = 0, text_width: int = 32, unet_width
     from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
     from dpt_jax.models.vae import AutoencoderKL, VAEConfig
 
-    vocab_size = testing.write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token="!")
+    vocab_size = len(testing.clip_vocab()[0])  # write_sd_dir writes the tokenizer
     unet_cfg = testing.tiny_unet_config("sd2", unet_width, text_width)
     unet_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()}
     text_cfg = text_encoder_config(vocab_size, text_width)

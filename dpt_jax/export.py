@@ -34,8 +34,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_FILE, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's save_pretrained
 ADAPTER_FILE = "dpt_adapter.safetensors"
 ADAPTER_CONFIG = "dpt_adapter.json"
-COMPONENT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                   "text_encoder": "model.safetensors"}
+COMPONENT_FILES = weights.COMPONENT_FILES
 # Files of a component folder that hold weights: not copied, the Flax parameters replace them.
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|ckpt|msgpack|pt|pth|onnx)(\.index(\.\w+)?\.json)?$|.*\.index\.json$")
 # Key prefixes of the U-Net in diffusers (``unet.``) and PEFT (``base_model.model.``) files.
@@ -216,10 +215,6 @@ def save_adapter(adapter: Any, params: Params, out_dir: str) -> List[str]:
     return paths
 
 
-def _float32_state_dict(params: Params) -> Dict[str, np.ndarray]:
-    return {k: v.astype(np.float32) for k, v in weights.params_to_state_dict(jax.device_get(params)).items()}
-
-
 def save_pipeline(sd: Any, out_dir: str, unet_params: Optional[Params] = None) -> str:
     """A diffusers pipeline directory from Flax parameters: every file of the source directory
     (configs, tokenizer, scheduler, other components such as a safety checker) is copied, except
@@ -243,9 +238,7 @@ def save_pipeline(sd: Any, out_dir: str, unet_params: Optional[Params] = None) -
             shutil.copy(src, dst)
     params = {"unet": sd.unet_params if unet_params is None else unet_params, "vae": sd.vae_params,
               "text_encoder": sd.text_params}
-    for component, filename in COMPONENT_FILES.items():
-        weights.save_safetensors(_float32_state_dict(params[component]), os.path.join(out_dir, component, filename),
-                                 metadata={"format": "pt"})
+    weights.save_components(params, out_dir)
     return out_dir
 
 

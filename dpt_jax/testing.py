@@ -52,6 +52,14 @@ def _word_merges(words: Iterable[str]) -> List[Tuple[str, str]]:
     return list(merges)
 
 
+def clip_vocab(words: Iterable[str] = WORDS) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """The tokens (``<|endoftext|>`` last, the largest id as in CLIP) and merges of the BPE."""
+    base = list(_bytes_to_unicode().values())
+    merges = _word_merges(words)
+    vocab = base + [c + "</w>" for c in base] + [a + b for a, b in merges]
+    return list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"], merges
+
+
 def write_clip_tokenizer(folder: str, words: Iterable[str] = WORDS, pad_token: str = "<|endoftext|>") -> int:
     """Write vocab.json, merges.txt and the tokenizer config of a CLIP BPE tokenizer.
 
@@ -59,11 +67,7 @@ def write_clip_tokenizer(folder: str, words: Iterable[str] = WORDS, pad_token: s
     pooled output sits at ``argmax(input_ids)``. SD-2.x pads with ``!`` instead of EOS.
     """
     os.makedirs(folder, exist_ok=True)
-    base = list(_bytes_to_unicode().values())
-    vocab: List[str] = base + [c + "</w>" for c in base]
-    merges = _word_merges(words)
-    vocab += [a + b for a, b in merges]
-    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
+    vocab, merges = clip_vocab(words)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump({tok: i for i, tok in enumerate(vocab)}, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:

@@ -234,3 +234,17 @@ def save_safetensors(state: Mapping[str, np.ndarray], path: str,
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path,
               metadata=dict(metadata) if metadata else None)
+
+
+# The weight file each diffusers pipeline component is saved in.
+COMPONENT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                   "text_encoder": "model.safetensors"}
+
+
+def save_components(params: Mapping[str, Any], folder: str) -> None:
+    """Write the U-Net, VAE and text encoder Flax trees as float32 diffusers weight files."""
+    import jax
+    for component, filename in COMPONENT_FILES.items():
+        state = params_to_state_dict(jax.device_get(params[component]))
+        save_safetensors({k: v.astype(np.float32) for k, v in state.items()},
+                         os.path.join(folder, component, filename), metadata={"format": "pt"})
