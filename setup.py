@@ -8,7 +8,9 @@ CORE = [
 ]
 # torch pinned: an unpinned requirement pulls a multi-GB CUDA build on machines without one.
 TORCH = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "peft==0.21.2", "accelerate>=1.0"]
-TEST = TORCH + ["pytest>=8"]
+# dpt_jax.data.tfds_readers; TensorFlow too: the coco_captions builder's feature spec imports it.
+TFDS = ["tensorflow-cpu==2.21.0", "tensorflow-datasets==4.9.10"]
+TEST = TORCH + TFDS + ["pytest>=8"]  # tests/test_tfds_readers.py prepares tiny tfds builders
 
 setup(
     name="dpt-jax",
@@ -22,7 +24,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "test": TEST,
-        "tfds": ["tensorflow-cpu==2.21.0", "tensorflow-datasets==4.9.10"],
+        "tfds": TFDS,
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "cuda": ["jax[cuda12]>=0.10,<0.13"],
     },

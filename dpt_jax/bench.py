@@ -117,9 +117,9 @@ def train_batch(rng: np.random.Generator, batch: int, shapes: Shapes, dtype: Any
     positive[:, 1:3] = 1.0  # the expression's target: its first two words
     mask = np.zeros((batch, TEXT_LEN), np.float32)
     mask[:, :8] = 1.0
-    hidden = normal(rng, (4, batch, TEXT_LEN, shapes.text_width), dtype)
+    hidden = normal(rng, (batch, 4, TEXT_LEN, shapes.text_width), dtype)
     return dict(
-        latents=normal(rng, (3, batch, shapes.latent, shapes.latent, 4), np.float32),
+        latents=normal(rng, (batch, 3, shapes.latent, shapes.latent, 4), np.float32),
         hidden=hidden, pooled=hidden[:, :, -1],
         sample_id=jnp.arange(batch, dtype=jnp.int32),
         expression_box=jnp.asarray(rng.uniform(0.2, 0.6, (batch, 4)), jnp.float32),

@@ -4,6 +4,8 @@
     dpt-jax pretrain --config configs/pretrain_shapes.py --workdir W --out DIR
     dpt-jax generate --checkpoint W --prompt "a red square" --out OUT
     dpt-jax export --checkpoint W --out DIR [--merged]
+    dpt-jax precompute --config configs/probe_sd21.py --out DIR [--split train] [--config.key=value ...]
+    dpt-jax evaluate --task itm|rec|t2i --run NAME=W [--run NAME=W ...] --out DIR
     dpt-jax bench [--tiny]
     dpt-jax demo [--out OUT] [--quick]
 """
@@ -56,6 +58,8 @@ COMMANDS: Dict[str, Callable[[List[str]], None]] = {
     "export": _lazy("dpt_jax.export"),
     "bench": _lazy("dpt_jax.bench"),
     "demo": _lazy("dpt_jax.demo"),
+    "evaluate": _lazy("dpt_jax.evaluate_cli"),
+    "precompute": _lazy("dpt_jax.precompute", multi_process=True),
 }
 
 

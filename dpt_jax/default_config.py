@@ -28,8 +28,13 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
 
-    c.data = ml_collections.ConfigDict(dict(name="shapes", image_size=512, train_size=100_000,
-                                            val_size=1000, seed=0))
+    # Sources and their keys: dpt_jax/data/sources.py.
+    c.data = ml_collections.ConfigDict(dict(
+        name="shapes", image_size=512, seed=0,
+        train_size=100_000, val_size=1000,          # shapes
+        path="", val_path="", image_root="",        # negclip_tsv, refexp_json, jsonl, precomputed
+        tfds_data_dir="", tfds_train_split="train", tfds_val_split="validation",  # coco_captions, ref_coco
+        max_bad_fraction=0.01))                     # readers of image files: unreadable images allowed
     c.adapter = ml_collections.ConfigDict(dict(
         taps=("up1",), d_model=256, num_heads=8, ffn_dim=2048, dropout=0.1, num_encoder_layers=1,
         num_decoder_layers=1, num_itm_queries=10, num_rec_queries=100, fusion="single", fusion_size=32))
@@ -62,3 +67,15 @@ def tiny(stage: str = "probe") -> ml_collections.ConfigDict:
     c.adapter.update(d_model=64, num_heads=4, ffn_dim=128, num_rec_queries=8, num_itm_queries=4, fusion_size=8)
     c.optim.lr = 1e-3
     return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file (what ``--config`` reads), for scripts and tests."""
+    import importlib.util
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

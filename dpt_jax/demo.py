@@ -44,10 +44,8 @@ def demo_config(stage: str, quick: bool, pretrained: str = MODEL) -> Any:
 
 def prompt_set(n: int, seed: int = 0) -> List[Dict[str, Any]]:
     """Val-split captions (the same every run), with their scene kind for the per-category table."""
-    from dpt_jax.data.shapes import ShapesDataset
-    ds = ShapesDataset(split="val", size=max(n, 1), image_size=32, seed=seed)
-    samples = [ds[i] for i in range(n)]
-    return [{"prompt": s["caption"], "kind": s["kind"], "seed": 1000 + i} for i, s in enumerate(samples)]
+    from dpt_jax.data.prompts import shapes_prompts
+    return [{"prompt": p, "kind": kind, "seed": 1000 + i} for i, (p, kind) in enumerate(shapes_prompts(n, seed))]
 
 
 def oracle_alignment(images: np.ndarray, prompts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +32,28 @@ def wilson_interval(hits: float, n: int, z: float = 1.96) -> Tuple[float, float]
     return (centre - half, centre + half)
 
 
+def itm_hits(scores: jax.Array) -> Dict[str, jax.Array]:
+    """ITM scores [6, n] in the objective's candidate order -> 0/1 hits per sample: the positive
+    (x+, c+) beats the hard-negative caption (text), the hard-negative image (image), and the
+    random caption / image (the easy half of the task)."""
+    hit = lambda other: (scores[0] > scores[other]).astype(jnp.float32)
+    return dict(text_hit=hit(3), image_hit=hit(1), text_rand_hit=hit(4), image_rand_hit=hit(2))
+
+
+def rec_hits(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax.Array) -> Dict[str, jax.Array]:
+    """REC precision@1 hits per sample: the best query's box (score 1 - p(no object)) against the
+    ground truth (cxcywh), at IoU >= 0.5 and at GIoU >= 0.5."""
+    box, _ = losses.rec_predict(pred_logits, pred_boxes)
+    hits = losses.rec_precision_at_1(boxes.box_cxcywh_to_xyxy(box), boxes.box_cxcywh_to_xyxy(gt_boxes))
+    return dict(rec_iou_hit=hits["iou_hit"], rec_giou_hit=hits["giou_hit"])
+
+
 def _per_sample(obj: Objective, trainable: Any, frozen: Any, batch: Dict[str, jax.Array], rng: jax.Array
                 ) -> Dict[str, jax.Array]:
     out = candidate_outputs(obj, trainable, frozen, batch, rng, None, EVAL_TIMESTEP)
-    scores = out["scores"]
-    box, _ = losses.rec_predict(out["pred_logits"], out["pred_boxes"])
-    hits = losses.rec_precision_at_1(boxes.box_cxcywh_to_xyxy(box), boxes.box_cxcywh_to_xyxy(batch["expression_box"]))
-    return dict(text_hit=(scores[0] > scores[3]).astype(jnp.float32),
-                image_hit=(scores[0] > scores[1]).astype(jnp.float32),
-                rec_iou_hit=hits["iou_hit"], rec_giou_hit=hits["giou_hit"])
+    rec = rec_hits(out["pred_logits"], out["pred_boxes"], batch["expression_box"])
+    return dict(itm_hits(out["scores"]), **{k: v * batch["has_rec"] for k, v in rec.items()},
+                has_rec=batch["has_rec"], gt_box=batch["expression_box"])
 
 
 def centre_box_hits(gt_boxes: np.ndarray, size: np.ndarray) -> Dict[str, np.ndarray]:
@@ -65,20 +78,27 @@ def evaluate_discriminative(obj: Objective, trainable: Any, frozen: Any, dataset
         for start in range(0, num_samples, batch_size):
             rows = np.arange(start, min(start + batch_size, num_samples))
             padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
-            batch = batches.fixed_batch(dataset, tokenizer, padded)
-            hits = jax.device_get(fn(trainable, frozen, parallel.global_batch(batch, mesh), rng))
+            # Each host feeds its slice of the batch; the hits come back replicated on every host.
+            local = np.array_split(padded, jax.process_count())[jax.process_index()]
+            hits = jax.device_get(fn(trainable, frozen,
+                                     parallel.global_batch(batches.fixed_batch(dataset, tokenizer, local), mesh), rng))
+            gt_box = np.asarray(hits.pop("gt_box"))[:len(rows)]
             for key, value in hits.items():
                 sums[key] = sums.get(key, 0.0) + float(np.asarray(value)[:len(rows)].sum())
             if draw == 0:
-                gt.append(batch["expression_box"][:len(rows)])
+                gt.append(gt_box[np.asarray(hits["has_rec"])[:len(rows)] > 0])
     n = num_samples * draws
-    report: Dict[str, Any] = {"num_samples": num_samples, "draws": draws, "timestep": EVAL_TIMESTEP}
+    n_rec = int(round(sums.pop("has_rec")))
+    report: Dict[str, Any] = {"num_samples": num_samples, "draws": draws, "timestep": EVAL_TIMESTEP,
+                              "num_rec_samples": n_rec // draws}
     for key, total in sums.items():
-        report[key.replace("_hit", "_acc")] = total / n
-        report[key.replace("_hit", "_ci95")] = wilson_interval(total, n)
+        denominator = n_rec if key.startswith("rec_") else n
+        report[key.replace("_hit", "_acc")] = total / denominator if denominator else float("nan")
+        report[key.replace("_hit", "_ci95")] = wilson_interval(total, denominator)
     report["itm_overall_acc"] = (report["text_acc"] + report["image_acc"]) / 2
     gt_boxes = np.concatenate(gt)
-    baseline = centre_box_hits(gt_boxes, gt_boxes[:, 2:].mean(0))
-    report["centre_box_rec_iou_acc"] = float(baseline["iou_hit"].mean())
-    report["centre_box_rec_iou_ci95"] = wilson_interval(float(baseline["iou_hit"].sum()), len(gt_boxes))
+    if len(gt_boxes):
+        baseline = centre_box_hits(gt_boxes, gt_boxes[:, 2:].mean(0))
+        report["centre_box_rec_iou_acc"] = float(baseline["iou_hit"].mean())
+        report["centre_box_rec_iou_ci95"] = wilson_interval(float(baseline["iou_hit"].sum()), len(gt_boxes))
     return report

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,25 +54,43 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def build_generator(args: argparse.Namespace):
-    from dpt_jax.lora import merge_lora
-    from dpt_jax.pipeline import load_pretrained
-    from dpt_jax.sampler import Generator, SamplerConfig
+@dataclasses.dataclass
+class SamplingModels:
+    """What sampling needs from a training run or a pretrained model (no adapter: no self-correction)."""
+    sd: Any
+    unet_params: Any
+    adapter: Any = None
+    adapter_params: Any = None
+    taps: Tuple[str, ...] = ("up1",)
 
-    if args.checkpoint:
+
+def load_sampling_models(checkpoint: Optional[str] = None, pretrained: Optional[str] = None) -> SamplingModels:
+    """A training run (its LoRA merged into the U-Net, its adapter) or a pretrained model."""
+    if checkpoint:
+        from dpt_jax.lora import merge_lora
         from dpt_jax.train import load_trained
-        run = load_trained(args.checkpoint)
-        sd = run.sd
-        unet_params = merge_lora(sd.unet_params, run.params["lora"], run.lora_spec) if run.params.get("lora") \
-            else sd.unet_params
-        adapter, adapter_params, taps = run.adapter, run.params["adapter"], tuple(run.config.adapter.taps)
-    else:
-        sd = load_pretrained(args.pretrained)
-        unet_params, adapter, adapter_params, taps = sd.unet_params, None, None, ("up1",)
-    cfg = SamplerConfig(steps=args.steps, guidance=args.guidance, eta_sc=args.eta_sc, sc_start=args.sc_start,
-                        sc_end=args.sc_end, taps=taps)
-    return Generator(sd, cfg, unet_params=unet_params, adapter=adapter, adapter_params=adapter_params,
-                     latent_size=args.latent_size, negative_prompt=args.negative_prompt)
+        run = load_trained(checkpoint)
+        unet_params = merge_lora(run.sd.unet_params, run.params["lora"], run.lora_spec) if run.params.get("lora") \
+            else run.sd.unet_params
+        return SamplingModels(run.sd, unet_params, run.adapter, run.params["adapter"], tuple(run.config.adapter.taps))
+    from dpt_jax.pipeline import load_pretrained
+    sd = load_pretrained(pretrained)
+    return SamplingModels(sd, sd.unet_params)
+
+
+def make_generator(models: SamplingModels, steps: int = 50, guidance: float = 7.5, eta_sc: float = 0.0,
+                   sc_start: int = 0, sc_end: Optional[int] = None, latent_size: Optional[int] = None,
+                   negative_prompt: str = ""):
+    from dpt_jax.sampler import Generator, SamplerConfig
+    cfg = SamplerConfig(steps=steps, guidance=guidance, eta_sc=eta_sc, sc_start=sc_start, sc_end=sc_end,
+                        taps=models.taps)
+    return Generator(models.sd, cfg, unet_params=models.unet_params, adapter=models.adapter,
+                     adapter_params=models.adapter_params, latent_size=latent_size, negative_prompt=negative_prompt)
+
+
+def build_generator(args: argparse.Namespace):
+    return make_generator(load_sampling_models(args.checkpoint, args.pretrained), args.steps, args.guidance,
+                          args.eta_sc, args.sc_start, args.sc_end, args.latent_size, args.negative_prompt)
 
 
 def generate(args: argparse.Namespace) -> List[dict]:

@@ -137,7 +137,7 @@ def study(width: int = 128, latent: int = 32, batch_size: int = 2, repeats: int 
         lambda p, x: jnp.asarray(0.01 * rng.normal(size=x.shape), jnp.float32) if p[-1].key == "lora_B" else x, lora)
     data = batches.batch_at(make_dataset(config, "train"), sd.tokenizer, 0, batch_size, config.data.seed)
     batch = {k: jnp.asarray(v) for k, v in data.items() if k not in batches.IMAGE_KEYS}
-    batch["latents"] = jax.random.normal(keys[2], (3, batch_size, latent, latent, unet.config.in_channels))
+    batch["latents"] = jax.random.normal(keys[2], (batch_size, 3, latent, latent, unet.config.in_channels))
     args = (lora, adapter, sd.frozen_params(), batch, jax.random.PRNGKey(seed + 1))
 
     results = {name: measure(jax.grad(make(obj)), args, repeats)

@@ -52,19 +52,19 @@ def features_of(taps: Dict[str, jax.Array], names: Sequence[str]) -> Any:
     return taps[names[0]] if len(names) == 1 else {n: taps[n] for n in names}
 
 
-def encode_batch(obj: Objective, frozen: Params, batch: Dict[str, jax.Array]
+def encode_batch(sd: StableDiffusion, frozen: Params, batch: Dict[str, jax.Array]
                  ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """Latents of (x+, x-, xr) and text states of (c+, c-, cr, ref), frozen (no gradient)."""
-    sd = obj.sd
-    if "latents" in batch:  # precomputed, already scaled
-        latents = batch["latents"]
+    """Candidate-major latents of (x+, x-, xr) [3, n, ...] and text states of (c+, c-, cr, ref)
+    [4, n, ...], frozen (no gradient); ``dpt-jax precompute`` stores them batch-major."""
+    if "latents" in batch:  # precomputed, already scaled, batch-major [n, 3, h, w, c] (shardable)
+        latents = jnp.swapaxes(batch["latents"], 0, 1)
     else:
         images = jnp.stack([batch["image"], batch["neg_image"], batch["rand_image"]])
         n = images.shape[1]
         latents = vae_encode(sd.vae, frozen["vae"], images.reshape((-1,) + images.shape[2:]))
         latents = latents.reshape((3, n) + latents.shape[1:])
-    if "hidden" in batch:  # precomputed text states [4, n, 77, D] and pooled [4, n, D] (the benchmark)
-        hidden, pooled = batch["hidden"], batch["pooled"]
+    if "hidden" in batch:  # precomputed text states [n, 4, 77, D] and pooled [n, 4, D]
+        hidden, pooled = jnp.swapaxes(batch["hidden"], 0, 1), jnp.swapaxes(batch["pooled"], 0, 1)
     else:
         ids = jnp.stack([batch[k] for k in ("caption_ids", "neg_caption_ids", "rand_caption_ids", "expression_ids")])
         n = ids.shape[1]
@@ -106,7 +106,7 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
     (evaluation); ``timestep`` fixes t for every sample (evaluation uses 500).
     """
     sd = obj.sd
-    latents, hidden, pooled = encode_batch(obj, frozen, batch)
+    latents, hidden, pooled = encode_batch(sd, frozen, batch)
     n = latents.shape[1]
     t, noise = sample_noise(obj, rng, batch["sample_id"], latents.shape[2:], timestep)
     noise = noise.astype(latents.dtype)
@@ -151,12 +151,18 @@ def dpt_losses(obj: Objective, trainable: Params, frozen: Params, batch: Dict[st
     loss_t2i, loss_i2t = losses.itm_losses(scores[jnp.array([0, 1, 2])].T, scores[jnp.array([0, 3, 4])].T,
                                            trainable["adapter"]["logit_scale"])
     rec = losses.rec_losses(out["pred_logits"], out["pred_boxes"], out["proj_queries"], out["proj_tokens"],
-                            batch["expression_box"], batch["expression_positive"], batch["expression_token_mask"])
+                            batch["expression_box"], batch["expression_positive"], batch["expression_token_mask"],
+                            weights=batch.get("has_rec"))
     itm = loss_t2i + loss_i2t
     total = obj.itm_weight * itm + obj.rec_weight * rec["loss"]
     metrics = dict(itm_loss=itm, itm_t2i_loss=loss_t2i, itm_i2t_loss=loss_i2t, rec_loss=rec["loss"],
                    # The evaluation protocol's accuracies: the positive beats the hard negative.
-                   itm_text_acc=(scores[0] > scores[3]).mean(), itm_image_acc=(scores[0] > scores[1]).mean())
+                   itm_text_acc=(scores[0] > scores[3]).mean(), itm_image_acc=(scores[0] > scores[1]).mean(),
+                   # Against the random negatives: how far the easy half of the task is learnt.
+                   itm_text_rand_acc=(scores[0] > scores[4]).mean(), itm_image_rand_acc=(scores[0] > scores[2]).mean(),
+                   # The trained 3-way task: the positive beats both negatives (chance 1/3).
+                   itm_t2i_acc=losses.itm_accuracy(scores[jnp.array([0, 1, 2])].T).mean(),
+                   itm_i2t_acc=losses.itm_accuracy(scores[jnp.array([0, 3, 4])].T).mean())
     if obj.denoising:
         mse = losses.denoising_loss(out["eps"], out["target"], snr=obj.sd.schedule.snr(out["t"]),
                                     min_snr_gamma=obj.min_snr_gamma, prediction_type=obj.sd.schedule.prediction_type)
@@ -181,7 +187,7 @@ class DenoisingObjective:
                dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         sd = self.sd
-        latents = batch["latents"][0] if "latents" in batch else vae_encode(sd.vae, frozen["vae"], batch["image"])
+        latents = batch["latents"][:, 0] if "latents" in batch else vae_encode(sd.vae, frozen["vae"], batch["image"])
         latents = jax.lax.stop_gradient(latents)
         hidden, _ = sd.text_encoder.apply({"params": trainable["text_encoder"]}, batch["caption_ids"])
         t, noise = sample_noise(self, rng, batch["sample_id"], latents.shape[1:], timestep)

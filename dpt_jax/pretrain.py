@@ -13,10 +13,9 @@ import shutil
 import time
 from typing import Sequence
 
-import jax
 import ml_collections
 
-from dpt_jax import builtin_models, checkpoints, testing
+from dpt_jax import builtin_models, checkpoints
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, pretrained: str) -> ml_collections.ConfigDict:

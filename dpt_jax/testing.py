@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 WORDS = (
     "a an the one two three and of to left right above below leftmost rightmost topmost bottommost photo "
@@ -150,3 +150,30 @@ def _randomize_norms(pipe) -> None:
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.add_(0.1 * torch.randn_like(p))
+
+
+def make_tiny_clip_dir(folder: str, width: int = 32, layers: int = 2, heads: int = 4, image_size: int = 32,
+                       patch_size: int = 8, projection_dim: int = 16, seed: int = 0) -> str:
+    """A tiny random ``transformers.CLIPModel`` (GELU towers, as OpenCLIP ViT-H-14), its tokenizer files
+    and image processor config, saved in the transformers layout (what ``clip_score.load_clip`` reads)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    vocab_size = write_clip_tokenizer(folder)
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                 num_attention_heads=heads, hidden_act="gelu")
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
+        vision_config=dict(tower, image_size=image_size, patch_size=patch_size), projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    with torch.no_grad():  # norms start at 1 / 0: perturb them so their layout is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    processor.save_pretrained(folder)
+    return folder

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -28,7 +27,7 @@ import numpy as np
 import optax
 
 from dpt_jax import checkpoints, parallel
-from dpt_jax.data import batches
+from dpt_jax.data import batches, sources
 from dpt_jax.lora import LoraSpec, init_lora
 from dpt_jax.metrics import MetricWriter
 from dpt_jax.models.adapter import DiscriminativeAdapter
@@ -214,13 +213,9 @@ def eval_step(obj: Any, state: TrainState, frozen: Params, batch: Dict[str, jax.
     return obj.losses(state.params, frozen, batch, eval_rng, None, timestep)[1]
 
 
-def make_dataset(config: ml_collections.ConfigDict, split: str):
-    d = config.data
-    if d.name != "shapes":
-        raise ValueError(f"config.data.name={d.name!r}: the trainer reads 'shapes' (see dpt_jax/data)")
-    from dpt_jax.data.shapes import ShapesDataset
-    size = d.train_size if split == "train" else d.val_size
-    return ShapesDataset(split=split, size=size, image_size=d.image_size, seed=d.seed)
+def make_dataset(config: ml_collections.ConfigDict, split: str) -> Any:
+    """The run's ``split`` data set (``config.data``; sources in dpt_jax/data/sources.py)."""
+    return sources.make_dataset(config.data, split)
 
 
 class Trainer:
@@ -242,7 +237,11 @@ class Trainer:
                                              if k not in self.objective.trainable_names}, self.mesh)
         self.train_data = make_dataset(config, "train")
         self.val_data = make_dataset(config, "val")
-        replicated, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
+        for data in (self.train_data, self.val_data):
+            if hasattr(data, "check_compatible"):  # precomputed latents and text states
+                size = latent_size(config, self.sd)
+                data.check_compatible((size, size, self.sd.unet.config.in_channels), self.sd.text_width)
+        replicated = parallel.replicated(self.mesh)
         step = functools.partial(train_step, self.objective, self.optimizer, self.schedule, config.grad_accum)
         self.step_fn = jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
         self.eval_fn = jax.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)

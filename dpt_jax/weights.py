@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def _read_safetensors_via_torch(path: str) -> Dict[str, np.ndarray]:
-    torch = _require_torch(path)
+    _require_torch(path)  # a clear error when torch is missing
     from safetensors.torch import load_file
     return {k: v.float().numpy() for k, v in load_file(path).items()}
 

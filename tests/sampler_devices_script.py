@@ -1,5 +1,4 @@
 """Run by test_sampler in a subprocess with a set XLA device count: writes images and latents."""
-import os
 import sys
 
 import jax

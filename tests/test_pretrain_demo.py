@@ -8,14 +8,10 @@ from dpt_jax.metrics import read_metrics
 
 
 def test_pretrain_writes_a_loadable_model_and_its_losses_fall(tmp_path):
-    import importlib.util
+    from dpt_jax.default_config import load_config_file
     from dpt_jax.pipeline import load_pretrained
     from dpt_jax.pretrain import pretrain
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_shapes", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "pretrain_shapes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "pretrain_shapes.py"))
     c.arch = "tiny-random"
     c.batch_size = 8
     c.log_every = 5

@@ -33,7 +33,10 @@ def sample_indices(step: int, global_batch: int, dataset_size: int, seed: int,
 
 
 def make_batch(samples: Dict[str, Any], tokenizer: Tokenizer) -> Dict[str, np.ndarray]:
-    """Stacked samples (``ShapesDataset.batch`` layout) -> model inputs."""
+    """Stacked samples (``ShapesDataset.batch`` layout) -> model inputs; precomputed rows
+    (``PrecomputedDataset.batch``) already are model inputs."""
+    if "latents" in samples:
+        return dict(samples)
     batch = {key: image_to_float(np.asarray(samples[key])) for key in IMAGE_KEYS}
     for key in TEXT_KEYS:
         batch[key + "_ids"] = tokenizer(list(samples[key]))
@@ -42,6 +45,9 @@ def make_batch(samples: Dict[str, Any], tokenizer: Tokenizer) -> Dict[str, np.nd
         tokenizer.token_positions(text, spans)
         for text, spans in zip(samples["expression"], samples["expression_positive_chars"])]).astype(np.float32)
     batch["expression_box"] = np.asarray(samples["expression_box"], np.float32)
+    # Rows without a referring expression (ITM-only records) are masked out of the REC loss.
+    n = len(batch["expression_box"])
+    batch["has_rec"] = np.asarray(samples.get("has_rec", np.ones(n, bool)), np.float32)
     return batch
 
 

@@ -17,6 +17,8 @@ Sampling (deterministic in (seed, index), independent of access order):
 - hard-negative caption / image: a random one of the record's own; when the record has none, a
   random other record's caption (preferring one that differs) / image.
 - random caption and image: those of one random other record.
+- "other record" excludes the record itself and, for readers with one record per caption of an
+  image (``tfds_readers``), the image's other records (``RecordDataset._same_image``).
 
 Bad images: an image that is missing or unreadable is logged (once, naming the file) and counted
 in ``bad_images``. When it is the sample's own image the sample is replaced by the next record
@@ -126,6 +128,14 @@ class RecordDataset:
         rel = self.records[ref].image if isinstance(ref, int) else ref
         return os.path.join(self.image_root, rel)  # an absolute rel stays as it is
 
+    def _open_image(self, ref: ImageRef) -> Image.Image:
+        """The image of ``ref``, opened lazily; raises one of ``_IMAGE_ERRORS`` when unreadable.
+
+        The one place images are read: readers whose images are not files override it
+        (``tfds_readers``) and keep the bookkeeping of :meth:`load_image`, keyed by ``_path``.
+        """
+        return Image.open(self._path(ref))
+
     def load_image(self, ref: ImageRef) -> Optional[np.ndarray]:
         """uint8 [S, S, 3] image, or None (logged and counted) when it cannot be read."""
         path = self._path(ref)
@@ -133,7 +143,7 @@ class RecordDataset:
             return None
         self._seen.add(path)
         try:
-            with Image.open(path) as im:
+            with self._open_image(ref) as im:
                 im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
                 return np.asarray(im, np.uint8)
         except _IMAGE_ERRORS as err:
@@ -159,14 +169,27 @@ class RecordDataset:
 
     # ------------------------------------------------------------------ sampling
 
+    def _same_image(self, i: int) -> range:
+        """Records never drawn as record i's negatives or random other: i itself here.
+
+        Readers whose records of one image are contiguous (one record per caption) return the
+        whole run, so that a "negative" never shows record i's own image or one of its captions.
+        """
+        return range(i, i + 1)
+
     def _others_from(self, i: int, start: int) -> Iterator[int]:
-        """All record indices except i, cyclically from ``start`` (lazy: usually one is read)."""
-        n = len(self)
-        return (j for j in ((start + k) % n for k in range(n)) if j != i)
+        """Records outside ``_same_image(i)``, cyclically from ``start`` (lazy: usually one is read)."""
+        n, own = len(self), self._same_image(i)
+        return (j for j in ((start + k) % n for k in range(n)) if j not in own)
+
+    def _draw_other(self, i: int, rng: np.random.Generator) -> int:
+        """A uniform record index outside ``_same_image(i)``."""
+        own = self._same_image(i)
+        j = int(rng.integers(len(self) - len(own)))
+        return j + len(own) if j >= own.start else j
 
     def _random_other(self, i: int, purpose: int) -> int:
-        j = int(self._rng(i, purpose).integers(len(self) - 1))
-        return j + (j >= i)
+        return self._draw_other(i, self._rng(i, purpose))
 
     def _neg_caption(self, i: int) -> str:
         rec, rng = self.records[i], self._rng(i, _NEG_CAPTION)
@@ -174,8 +197,7 @@ class RecordDataset:
             return rec.neg_captions[int(rng.integers(len(rec.neg_captions)))]
         j = i
         for _ in range(20):  # prefer a caption that differs from ours
-            j = int(rng.integers(len(self) - 1))
-            j += j >= i
+            j = self._draw_other(i, rng)
             if self.records[j].caption != rec.caption:
                 break
         return self.records[j].caption

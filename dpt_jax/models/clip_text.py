@@ -3,13 +3,14 @@
 Submodules carry the transformers attribute names under a ``text_model`` root, the layout of
 every released SD checkpoint (``text_model.encoder.layers.0.self_attn.q_proj.weight``).
 transformers 5 saves the same tensors without the ``text_model.`` prefix;
-:func:`load_params` accepts both.
+:func:`load_params` accepts both. The encoder layers serve the CLIP vision tower too
+(:mod:`dpt_jax.models.clip_vision`): any config with the :class:`EncoderConfig` fields drives them.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
 
 import flax.linen as nn
 import jax
@@ -33,6 +34,26 @@ ACTIVATIONS = {
 LEGACY_EOS_TOKEN_ID = 2
 
 
+class EncoderConfig(Protocol):
+    """The fields the transformer encoder layers read (text and vision configs both have them)."""
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    hidden_act: str
+    layer_norm_eps: float
+
+
+def check_encoder_config(config: EncoderConfig, tower: str) -> None:
+    """Reject configs the encoder layers cannot run, naming the tower and the bad field."""
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"unsupported CLIP {tower} hidden_act {config.hidden_act!r}: "
+                         f"expected one of {sorted(ACTIVATIONS)}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"CLIP {tower} hidden_size {config.hidden_size} is not divisible by "
+                         f"num_attention_heads {config.num_attention_heads}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """The fields of a transformers ``text_encoder/config.json`` the encoder needs
@@ -50,12 +71,7 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported CLIP text hidden_act {self.hidden_act!r}: "
-                             f"expected one of {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_encoder_config(self, "text")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
@@ -71,12 +87,12 @@ class CLIPTextConfig:
 
 
 class CLIPAttention(nn.Module):
-    config: CLIPTextConfig
+    config: EncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         c = self.config
         dense = lambda name: Linear(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         heads = lambda t: t.reshape(*t.shape[:-1], c.num_attention_heads, -1)
@@ -86,7 +102,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
+    config: EncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -99,12 +115,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    config: EncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: LayerNorm(self.config.layer_norm_eps, name=name, **kw)
         x = x + CLIPAttention(self.config, name="self_attn", **kw)(norm("layer_norm1")(x), mask)
@@ -131,7 +147,7 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    config: CLIPTextConfig
+    config: EncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -139,8 +155,9 @@ class CLIPEncoder(nn.Module):
         self.layers = [CLIPEncoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
                        for _ in range(self.config.num_hidden_layers)]
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> Tuple[jax.Array, ...]:
-        """Every hidden state: the embeddings, then each layer's output (transformers' order)."""
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> Tuple[jax.Array, ...]:
+        """Every hidden state: the embeddings, then each layer's output (transformers' order).
+        ``mask``: boolean attention mask (True = attend), None to attend everywhere."""
         states = [x]
         for layer in self.layers:
             states.append(layer(states[-1], mask))

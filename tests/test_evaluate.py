@@ -1,0 +1,164 @@
+"""Evaluation metrics on hand-built cases, the prompt sets, and ``dpt-jax evaluate`` end to end."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpt_jax import evaluate_cli
+from dpt_jax.clip_score import load_clip
+from dpt_jax.data import prompts
+from dpt_jax.evaluate import itm_hits, rec_hits, wilson_interval
+from dpt_jax.testing import make_tiny_clip_dir
+from dpt_jax.train import train
+from dpt_jax.default_config import tiny
+
+
+def test_itm_hits_on_scores_of_known_order():
+    # Candidate order (objective.py): 0 (x+,c+), 1 (x-,c+), 2 (xr,c+), 3 (x+,c-), 4 (x+,cr), 5 (REC).
+    scores = jnp.array([
+        # sample:  0     1     2     3
+        [0.9, 0.2, 0.5, 0.7],   # positive
+        [0.1, 0.3, 0.6, 0.7],   # hard-negative image
+        [0.0, 0.1, 0.4, 0.1],   # random image
+        [0.8, 0.1, 0.6, 0.2],   # hard-negative caption
+        [1.0, 0.0, 0.1, 0.1],   # random caption
+        [0.0, 0.0, 0.0, 0.0]])
+    hits = {k: np.asarray(v) for k, v in itm_hits(scores).items()}
+    np.testing.assert_array_equal(hits["image_hit"], [1, 0, 0, 0])   # a tie (sample 3) is a miss
+    np.testing.assert_array_equal(hits["text_hit"], [1, 1, 0, 1])
+    np.testing.assert_array_equal(hits["image_rand_hit"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(hits["text_rand_hit"], [0, 1, 1, 1])
+
+
+def test_rec_precision_at_1_on_a_known_box_set():
+    gt = jnp.array([[0.5, 0.5, 0.4, 0.4]] * 4)
+    boxes = jnp.array([
+        [[0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1]],    # best query 0, exact: hit
+        [[0.6, 0.5, 0.4, 0.4], [0.5, 0.5, 0.4, 0.4]],    # best query 0, shifted by 1/4 width: IoU 0.6: hit
+        [[0.7, 0.5, 0.4, 0.4], [0.5, 0.5, 0.4, 0.4]],    # best query 0, shifted by 1/2: IoU 1/3: miss
+        [[0.1, 0.1, 0.1, 0.1], [0.5, 0.5, 0.4, 0.4]]])   # the exact box is query 1, but query 0 wins: miss
+    # Logits over (token 0, token 1, no object): query 0 has the lower no-object probability.
+    logits = jnp.array([[[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]]] * 4)
+    hits = {k: np.asarray(v) for k, v in rec_hits(logits, boxes, gt).items()}
+    np.testing.assert_array_equal(hits["rec_iou_hit"], [1, 1, 0, 0])
+    # GIoU of the IoU-1/3 pair: the hull is the union (they overlap), so GIoU = IoU: miss too.
+    np.testing.assert_array_equal(hits["rec_giou_hit"], [1, 1, 0, 0])
+    assert hits["rec_iou_hit"].mean() == 0.5
+
+
+def test_wilson_interval_known_value():
+    low, high = wilson_interval(50, 100)
+    assert abs(low - 0.4038) < 1e-4 and abs(high - 0.5962) < 1e-4
+
+
+# ------------------------------------------------------------------------------- prompt sets
+
+def _nss1k_file(path, with_category=False, n=943):
+    entries = [{"captions": f"caption {i}", "name": f"{i:012d}.jpg"} for i in range(n)]
+    if with_category:
+        for e in entries:
+            e["category"] = "mine"
+    with open(path, "w") as f:
+        json.dump(entries, f)
+    return str(path)
+
+
+def test_nss1k_categories_follow_the_official_order(tmp_path):
+    got = prompts.load_prompt_set("nss1k:" + _nss1k_file(tmp_path / "five_category.json"))
+    counts = {c: sum(1 for _, k in got if k == c) for c, _ in prompts.NSS1K_CATEGORIES}
+    assert counts == {"numerical": 155, "spatial": 200, "semantic": 200, "mixed": 188, "null": 200}
+    assert got[0] == ("caption 0", "numerical") and got[155] == ("caption 155", "spatial")
+    assert got[942] == ("caption 942", "null")
+    subset = prompts.read_nss1k(_nss1k_file(tmp_path / "sub.json", with_category=True, n=5))
+    assert [k for _, k in subset] == ["mine"] * 5
+    with pytest.raises(ValueError, match="category order is known only"):
+        prompts.read_nss1k(_nss1k_file(tmp_path / "short.json", n=10))
+    (tmp_path / "bad.json").write_text(json.dumps([{"name": "x.jpg"}]))
+    with pytest.raises(ValueError, match="entry 0 has no 'captions'"):
+        prompts.read_nss1k(str(tmp_path / "bad.json"))
+
+
+def test_text_prompt_sets_and_the_cc500_generator(tmp_path):
+    (tmp_path / "cc500.txt").write_text("a red apple and a blue car\n\n a green cat and a white dog \n")
+    assert prompts.load_prompt_set(f"cc500:{tmp_path / 'cc500.txt'}") == [
+        ("a red apple and a blue car", "cc500"), ("a green cat and a white dog", "cc500")]
+    gen = prompts.load_prompt_set("cc500-gen:50", seed=3)
+    assert gen == prompts.cc500_style(50, seed=3) and len(gen) == 50
+    for text, category in gen:
+        first, second = text.split(" and ")
+        c1, c2 = first.split()[1], second.split()[1]
+        o1, o2 = " ".join(first.split()[2:]), " ".join(second.split()[2:])
+        assert category == "cc500-gen" and c1 != c2 and o1 != o2
+        assert {c1, c2} <= set(prompts.CC500_COLOURS) and {o1, o2} <= set(prompts.CC500_OBJECTS)
+    for bad, message in (("nss1k", "expected KIND:ARG"), ("cc500-gen:x", "expected a number"),
+                         ("poems:3", "unknown kind"), (f"abc6k:{tmp_path / 'none.txt'}", "does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            prompts.load_prompt_set(bad)
+
+
+def test_per_category_means():
+    out = prompts.per_category(["a", "b", "a"], [0.1, 0.5, 0.3])
+    assert out["all"] == {"mean": pytest.approx(0.3), "n": 3}
+    assert out["a"] == {"mean": pytest.approx(0.2), "n": 2} and out["b"]["n"] == 1
+
+
+# ------------------------------------------------------------------------ dpt-jax evaluate
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("probe_run"))
+    c = tiny("probe")
+    c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 2, 1, 0, 2
+    train(c, workdir)
+    return workdir
+
+
+def test_evaluate_itm_and_rec_report_side_by_side(probe_run, tmp_path, capsys):
+    out = str(tmp_path / "itm")
+    report = evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--run", f"b={probe_run}",
+                                "--num-samples", "10", "--batch-size", "8", "--draws", "2", "--out", out])
+    assert set(report["runs"]) == {"a", "b"}
+    r = report["runs"]["a"]["splits"]["val"]
+    assert r["num_samples"] == 10 and r["draws"] == 2 and r["timestep"] == 500
+    for key in ("text_acc", "image_acc"):
+        assert r[key] * 20 == pytest.approx(round(r[key] * 20))  # whole hits over 10 samples x 2 draws
+    assert r["itm_overall_acc"] == pytest.approx((r["text_acc"] + r["image_acc"]) / 2)
+    assert report["runs"]["a"]["splits"] == report["runs"]["b"]["splits"]  # same run, same noise
+    assert json.load(open(os.path.join(out, "report.json")))["runs"]["a"]["step"] == 2
+    printed = capsys.readouterr().out
+    assert "ITM text" in printed and printed.count("\na ") + printed.count("\nb ") == 2
+    rec = evaluate_cli.main(["--task", "rec", "--run", f"a={probe_run}", "--num-samples", "8",
+                             "--batch-size", "8", "--out", str(tmp_path / "rec")])["runs"]["a"]["splits"]["val"]
+    assert rec["num_rec_samples"] == 8 and 0.0 <= rec["rec_iou_acc"] <= 1.0
+
+
+def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path):
+    with pytest.raises(SystemExit, match="needs a training run"):
+        evaluate_cli.main(["--task", "itm", "--run", "base=builtin:tiny-random", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown key"):
+        evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--data", "colour=red", "--out",
+                           str(tmp_path)])
+
+
+def test_evaluate_t2i_clip_scores_every_variant(probe_run, tmp_path):
+    clip_dir = make_tiny_clip_dir(str(tmp_path / "clip"))
+    out = str(tmp_path / "t2i")
+    report = evaluate_cli.main([
+        "--task", "t2i", "--run", "base=builtin:tiny-random", "--run", f"probe={probe_run}",
+        "--self-correction", "0,0.5", "--prompts", "shapes:3", "--steps", "2", "--batch-size", "4",
+        "--clip", clip_dir, "--out", out])
+    assert list(report["variants"]) == ["base", "probe", "probe+sc0.5"]
+    assert report["skipped"] == ["base+sc0.5: base has no adapter, so no self-correction"]
+    scorer = load_clip(clip_dir)
+    manifest = [json.loads(line) for line in open(os.path.join(out, "probe+sc0.5", "manifest.jsonl"))]
+    assert [m["seed"] for m in manifest] == [0, 1, 2]
+    from PIL import Image
+    images = np.stack([np.asarray(Image.open(os.path.join(out, "probe+sc0.5", m["file"]))) for m in manifest])
+    expected = scorer.score(images, [m["prompt"] for m in manifest])
+    got = report["variants"]["probe+sc0.5"]["clip_score"]
+    assert got["all"]["n"] == 3 and got["all"]["mean"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
+    assert sum(v["n"] for k, v in got.items() if k != "all") == 3  # per scene kind
+    # The probe has no LoRA: without correction it samples the base model's images.
+    assert report["variants"]["probe"]["clip_score"] == report["variants"]["base"]["clip_score"]

@@ -1,0 +1,73 @@
+"""``dpt-jax precompute``: shards that resume, and a trainer fed from them that matches the image path."""
+import os
+
+import numpy as np
+import pytest
+
+from dpt_jax.data import precomputed
+from dpt_jax.data.sources import make_dataset
+from dpt_jax.default_config import tiny
+from dpt_jax.metrics import read_metrics
+from dpt_jax.precompute import precompute
+from dpt_jax.train import train
+
+SAMPLES = 24  # 3 shards of 8; a global batch of 8 walks over them
+
+
+def _config(stage="probe"):
+    c = tiny(stage)
+    c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 0, 3
+    c.adapter.dropout = 0.0
+    c.data.train_size = SAMPLES
+    return c
+
+
+@pytest.fixture(scope="module")
+def latents_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("precomputed"))
+    return precompute(_config(), out, "train", shard_size=8, batch_size=4, dtype="float32")
+
+
+def test_precomputed_rows_are_the_encoded_samples(latents_dir):
+    ds = precomputed.PrecomputedDataset(latents_dir)
+    assert len(ds) == SAMPLES and ds.meta["shapes"]["latents"] == [-1, 3, 16, 16, 4]
+    rows = ds.batch([0, 9, 23])
+    assert rows["latents"].shape == (3, 3, 16, 16, 4) and rows["hidden"].shape[:2] == (3, 4)
+    np.testing.assert_array_equal(rows["has_rec"], 1.0)
+    source = make_dataset(_config().data, "train")
+    np.testing.assert_allclose(rows["expression_box"][1], source[9]["expression_box"], atol=1e-7)
+
+
+def test_an_interrupted_precompute_finishes_with_the_same_shards(latents_dir, tmp_path):
+    out = str(tmp_path / "p")
+    precompute(_config(), out, "train", shard_size=8, batch_size=4, dtype="float32")
+    os.remove(precomputed.shard_path(out, 1))  # as if the run died while writing shard 1
+    with pytest.raises(FileNotFoundError, match=r"shards \[1\] of 3 are missing"):
+        precomputed.PrecomputedDataset(out)
+    precompute(_config(), out, "train", shard_size=8, batch_size=4, dtype="float32")
+    for k in range(3):
+        with np.load(precomputed.shard_path(out, k)) as a, np.load(precomputed.shard_path(latents_dir, k)) as b:
+            for key in precomputed.ARRAY_KEYS:
+                np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="shard_size"):
+        precompute(_config(), out, "train", shard_size=4, batch_size=4, dtype="float32")
+
+
+def test_training_from_precomputed_latents_matches_training_from_images(latents_dir, tmp_path, stage="probe"):
+    from_images, from_latents = str(tmp_path / "images"), str(tmp_path / "latents")
+    train(_config(stage), from_images)
+    c = _config(stage)
+    c.data.update(name="precomputed", path=latents_dir, val_path=latents_dir)
+    train(c, from_latents)
+    a, b = read_metrics(from_images), read_metrics(from_latents)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "itm_loss", "rec_loss") + (("mse_loss",) if stage == "tune" else ()):
+            assert abs(ra[key] - rb[key]) <= 1e-5 * max(1.0, abs(ra[key])), (key, ra[key], rb[key])
+
+
+def test_the_trainer_rejects_latents_of_another_model(latents_dir, tmp_path):
+    c = _config()
+    c.data.update(name="precomputed", path=latents_dir, val_path=latents_dir, image_size=64)
+    with pytest.raises(ValueError, match="were precomputed"):
+        train(c, str(tmp_path / "w"))
