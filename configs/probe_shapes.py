@@ -13,5 +13,5 @@ def get_config():
     c = demo_config("probe", quick=False)
     c.num_steps = 200
     c.log_every = 20
-    c.loss.rec = 0.1
+    c.loss.rec = 0.1  # (already the demo's weight; stated here as this config's point)
     return c

@@ -12,10 +12,11 @@ latents and text states [B, 77, 1024] are fed directly (no VAE, no text tower), 
 bfloat16, trainable parameters (LoRA, adapter, AdamW moments) float32; the train step is the
 trainer's ``train_step`` jitted with the state donated. One JSON line per measurement with the
 anchor's keys (impl, device, batch, shapes, what, median_s, min_s, samples_per_s or images_per_s)
-plus compile_s, tflop (XLA's ``cost_analysis()`` of the compiled program; a sampling loop's body
-times the steps), mfu = tflop / median_s / the chip's dense bf16 peak (null where unknown, e.g. on
-a CPU; a lower bound where XLA gives cuDNN's fused attention no flops), recompiles (XLA compiles
-during the timed runs: 0) and cache_size (executables of the jitted function: 1).
+plus compile_s, tflop (the model's flops: XLA's ``cost_analysis()`` of the unoptimised program
+traced with XLA attention, since cuDNN's fused kernel counts 0 flops; a sampling loop's body times
+the steps), xla_tflop (the same analysis of the compiled program, for comparison), mfu = tflop /
+median_s / the chip's dense bf16 peak (null where unknown, e.g. on a CPU), recompiles (XLA
+compiles during the timed runs: 0) and cache_size (executables of the jitted function: 1).
 
     python -m dpt_jax.bench --what tune,probe,sample            # SD-2.1-base shapes (accelerator)
     python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, ~1 min
@@ -38,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from dpt_jax import default_config, testing
+from dpt_jax.models import layers
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.models.vae import AutoencoderKL, VAEConfig
@@ -151,10 +153,20 @@ def compile_program(jitted: Callable, args: Sequence[Any]) -> Tuple[Any, float]:
     return compiled, time.perf_counter() - t0
 
 
-def flops_of(compiled: Any) -> float:
-    cost = compiled.cost_analysis()
+def flops_of(stage: Any) -> float:
+    """``flops`` of XLA's cost analysis of a compiled or lowered program (0 when unavailable)."""
+    cost = stage.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device
     return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def model_flops(fn: Callable, args: Sequence[Any], loop_steps: int = 1) -> float:
+    """Flops of ``fn`` as written: XLA's cost analysis of the unoptimised program, traced with
+    XLA attention (cuDNN's fused kernel counts 0 flops there). A ``lax.scan`` body is counted
+    once by the analysis, so a remaining loop is scaled by ``loop_steps``."""
+    with layers.attention_implementation("xla"):
+        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)  # a fresh trace, not the jitted cache
+    return flops_of(lowered) * (loop_steps if "stablehlo.while" in lowered.as_text() else 1)
 
 
 def time_runs(run: Callable[[], Any], iters: int, warmup: int) -> Tuple[float, float, int]:
@@ -187,12 +199,16 @@ def device_name() -> str:
     return "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
 
 
+def _tflop(flops: float) -> float:
+    return float(f"{flops / 1e12:.4g}")
+
+
 def report(base: Dict[str, Any], what: str, batch: int, unit: str, median: float, best: float, compile_s: float,
            flops: float, peak: Optional[float], recompiles: int, executables: int, **extra: Any) -> Dict[str, Any]:
     line = dict(base, batch=batch, what=what, **extra, median_s=round(median, 5), min_s=round(best, 5),
                 **{unit: round(batch / median, 3)}, compile_s=round(compile_s, 2),
                 mfu=round(flops / median / peak, 4) if peak and flops else None,
-                tflop=float(f"{flops / 1e12:.4g}"), recompiles=recompiles, cache_size=executables)
+                tflop=_tflop(flops), recompiles=recompiles, cache_size=executables)
     print(json.dumps(line), flush=True)
     return line
 
@@ -206,7 +222,9 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
     state = init_state(config, sd, obj, optimizer)
     frozen = {"unet": sd.unet_params}
     data = train_batch(np.random.default_rng(args.seed + 1), batch, shapes, sd.unet.dtype)
-    step = jax.jit(functools.partial(train_step, obj, optimizer, learning_rate(config), 1), donate_argnums=(0,))
+    step_fn = functools.partial(train_step, obj, optimizer, learning_rate(config), 1)
+    step = jax.jit(step_fn, donate_argnums=(0,))
+    flops = model_flops(step_fn, (state, frozen, data))
     compiled, compile_s = compile_program(step, (state, frozen, data))
 
     def run() -> Any:
@@ -214,8 +232,8 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
         state, metrics = step(state, frozen, data)
         return state, metrics
     median, best, recompiles = time_runs(run, args.iters, args.warmup)
-    return report(base, f"{stage}_step", batch, "samples_per_s", median, best, compile_s, flops_of(compiled),
-                  chip_peak(sd.unet.dtype), recompiles, cache_size(step))
+    return report(base, f"{stage}_step", batch, "samples_per_s", median, best, compile_s, flops,
+                  chip_peak(sd.unet.dtype), recompiles, cache_size(step), xla_tflop=_tflop(flops_of(compiled)))
 
 
 def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, args: argparse.Namespace,
@@ -227,14 +245,16 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
     rng = np.random.default_rng(args.seed + 3)
     cond, uncond = (normal(rng, (batch, TEXT_LEN, shapes.text_width), sd.unet.dtype) for _ in range(2))
     z = normal(rng, (batch, shapes.latent, shapes.latent, 4), np.float32)
-    sample = jax.jit(functools.partial(denoise, Models(sd, obj.adapter), cfg))
+    sample_fn = functools.partial(denoise, Models(sd, obj.adapter), cfg)
+    sample = jax.jit(sample_fn)
     call_args = (sd.unet_params, adapter_params, z, cond, uncond, cond[:, -1])
+    flops = model_flops(sample_fn, call_args, loop_steps=args.steps)
     compiled, compile_s = compile_program(sample, call_args)
-    # XLA's cost analysis counts a while loop's body once: scale by the steps when the loop remains.
-    flops = flops_of(compiled) * (args.steps if " while(" in compiled.as_text() else 1)
+    # The compiled loop's body is counted once too: scale by the steps when the loop remains.
+    xla_flops = flops_of(compiled) * (args.steps if " while(" in compiled.as_text() else 1)
     median, best, recompiles = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
     return report(base, "sample", batch, "images_per_s", median, best, compile_s, flops, chip_peak(sd.unet.dtype),
-                  recompiles, cache_size(sample), eta=eta, steps=args.steps)
+                  recompiles, cache_size(sample), eta=eta, steps=args.steps, xla_tflop=_tflop(xla_flops))
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

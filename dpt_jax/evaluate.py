@@ -50,7 +50,7 @@ def rec_hits(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax.Array)
 
 def _per_sample(obj: Objective, trainable: Any, frozen: Any, batch: Dict[str, jax.Array], rng: jax.Array
                 ) -> Dict[str, jax.Array]:
-    out = candidate_outputs(obj, trainable, frozen, batch, rng, None, EVAL_TIMESTEP)
+    out = candidate_outputs(obj, trainable, frozen, batch, rng, None, EVAL_TIMESTEP, fresh_noise=True)
     rec = rec_hits(out["pred_logits"], out["pred_boxes"], batch["expression_box"])
     return dict(itm_hits(out["scores"]), **{k: v * batch["has_rec"] for k, v in rec.items()},
                 has_rec=batch["has_rec"], gt_box=batch["expression_box"])
@@ -96,6 +96,8 @@ def evaluate_discriminative(obj: Objective, trainable: Any, frozen: Any, dataset
         report[key.replace("_hit", "_acc")] = total / denominator if denominator else float("nan")
         report[key.replace("_hit", "_ci95")] = wilson_interval(total, denominator)
     report["itm_overall_acc"] = (report["text_acc"] + report["image_acc"]) / 2
+    if hasattr(dataset, "bad_images"):  # skipped unreadable images (replaced by the next good record)
+        report["bad_images"] = dataset.bad_images
     gt_boxes = np.concatenate(gt)
     if len(gt_boxes):
         baseline = centre_box_hits(gt_boxes, gt_boxes[:, 2:].mean(0))

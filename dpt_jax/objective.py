@@ -74,9 +74,10 @@ def encode_batch(sd: StableDiffusion, frozen: Params, batch: Dict[str, jax.Array
     return jax.lax.stop_gradient((latents, hidden, pooled))
 
 
-def candidate_inputs(latents_t: jax.Array, hidden: jax.Array, pooled: jax.Array, which: Sequence[int]):
-    """Stack the noisy latents and text states of the candidates ``which`` along the batch."""
-    lat = jnp.concatenate([latents_t[IMAGE_OF_CANDIDATE[c]] for c in which])
+def candidate_inputs(noisy: jax.Array, hidden: jax.Array, pooled: jax.Array, which: Sequence[int]):
+    """Stack the noisy latents (per candidate, [6, n, ...]) and text states of the candidates
+    ``which`` along the batch."""
+    lat = jnp.concatenate([noisy[c] for c in which])
     hid = jnp.concatenate([hidden[TEXT_OF_CANDIDATE[c]] for c in which])
     pool = jnp.concatenate([pooled[TEXT_OF_CANDIDATE[c]] for c in which])
     return lat, hid, pool
@@ -96,41 +97,52 @@ def sample_noise(obj: Any, rng: jax.Array, sample_id: jax.Array, latent_shape: T
 
 
 def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: Dict[str, jax.Array],
-                      rng: jax.Array, dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
-                      ) -> Dict[str, jax.Array]:
+                      rng: jax.Array, dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None,
+                      fresh_noise: bool = False) -> Dict[str, jax.Array]:
     """Every candidate through the U-Net and the adapter: ITM ``scores`` [6, n] (candidate order
     of the module docstring), the REC heads on candidate 5, and (stage 2) the positive pair's
     noise prediction ``eps`` with its ``target``.
 
     ``rng`` seeds the per-sample noise and timesteps; ``dropout_rng`` None means deterministic
-    (evaluation); ``timestep`` fixes t for every sample (evaluation uses 500).
+    (evaluation); ``timestep`` fixes t for every sample (evaluation uses 500). Training shares a
+    sample's noise among its candidates (spec: "U-Net features"); ``fresh_noise`` gives every
+    candidate its own draw (the ITM protocol: a fresh noise draw per text).
     """
     sd = obj.sd
     latents, hidden, pooled = encode_batch(sd, frozen, batch)
     n = latents.shape[1]
     t, noise = sample_noise(obj, rng, batch["sample_id"], latents.shape[2:], timestep)
     noise = noise.astype(latents.dtype)
-    # Negatives reuse their sample's noise and timestep (spec: "U-Net features").
-    latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t))(latents)
+    if fresh_noise:
+        def noise_of(c: int) -> jax.Array:  # candidate 0 keeps the sample's own draw
+            if c == 0:
+                return noise
+            _, fresh = sample_noise(obj, jax.random.fold_in(rng, c), batch["sample_id"], latents.shape[2:], timestep)
+            return fresh.astype(latents.dtype)
+        noisy = jnp.stack([sd.schedule.add_noise(latents[IMAGE_OF_CANDIDATE[c]], noise_of(c), t)
+                           for c in range(NUM_CANDIDATES)])
+    else:
+        latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t))(latents)
+        noisy = latents_t[jnp.array(IMAGE_OF_CANDIDATE)]
     lora = lora_variables(trainable["lora"], obj.lora) if obj.lora is not None and trainable.get("lora") else None
     unet_params = frozen["unet"]
     out: Dict[str, jax.Array] = {"t": t}
 
     if obj.denoising:  # full pass on (x+, c+): the MSE and its taps; the others stop at the tap
-        lat0, hid0, _ = candidate_inputs(latents_t, hidden, pooled, [0])
+        lat0, hid0, _ = candidate_inputs(noisy, hidden, pooled, [0])
         eps0, taps0 = unet_forward(sd.unet, unet_params, lora, lat0, t, hid0, obj.taps, eps=True)
-        lat, hid, _ = candidate_inputs(latents_t, hidden, pooled, range(1, NUM_CANDIDATES))
+        lat, hid, _ = candidate_inputs(noisy, hidden, pooled, range(1, NUM_CANDIDATES))
         _, taps_rest = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES - 1), hid,
                                     obj.taps, eps=False)
         taps = {k: jnp.concatenate([taps0[k], taps_rest[k]]) for k in obj.taps}
         out["eps"] = eps0.astype(jnp.float32)
         out["target"] = sd.schedule.training_target(latents[0], noise, t).astype(jnp.float32)
     else:
-        lat, hid, _ = candidate_inputs(latents_t, hidden, pooled, range(NUM_CANDIDATES))
+        lat, hid, _ = candidate_inputs(noisy, hidden, pooled, range(NUM_CANDIDATES))
         _, taps = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES), hid,
                                obj.taps, eps=False)
 
-    _, hid_all, pool_all = candidate_inputs(latents_t, hidden, pooled, range(NUM_CANDIDATES))
+    _, hid_all, pool_all = candidate_inputs(noisy, hidden, pooled, range(NUM_CANDIDATES))
     heads = obj.adapter.apply({"params": trainable["adapter"]}, features_of(taps, obj.taps),
                               jnp.tile(t, NUM_CANDIDATES), text_tokens=hid_all[-n:],
                               deterministic=dropout_rng is None,

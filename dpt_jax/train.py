@@ -305,6 +305,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                         f"the update was skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
                 last = {k: float(v) for k, v in rows[-1].items() if k != "finite"}
                 last["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
+                if hasattr(trainer.train_data, "bad_images"):  # image-file readers skip and count bad images
+                    last["bad_images"] = float(trainer.train_data.bad_images)
                 t0 = time.perf_counter()
                 if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
                     last.update(trainer.evaluate(state))

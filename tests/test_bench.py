@@ -21,12 +21,25 @@ def test_bench_tiny_lines():
         ("tune_step", None), ("probe_step", None), ("sample", 0.0), ("sample", 0.5)]
     for x in lines:
         unit = "images_per_s" if x["what"] == "sample" else "samples_per_s"
-        assert ANCHOR_KEYS | {unit, "compile_s", "mfu", "tflop"} <= set(x), x
+        assert ANCHOR_KEYS | {unit, "compile_s", "mfu", "tflop", "xla_tflop"} <= set(x), x
         assert (x["impl"], x["device"], x["shapes"], x["batch"]) == ("dpt-jax", "cpu", "tiny", 2)
-        for key in ("median_s", "min_s", unit, "compile_s", "tflop"):
+        for key in ("median_s", "min_s", unit, "compile_s", "tflop", "xla_tflop"):
             assert math.isfinite(x[key]) and x[key] > 0, (key, x)
         assert x["min_s"] <= x["median_s"]
         assert x["mfu"] is None  # no known peak on a CPU
         # Compiled once, before timing: no recompilation across the timed iterations.
         assert x["recompiles"] == 0 and x["cache_size"] == 1, x
     assert lines[3]["tflop"] > lines[2]["tflop"]  # self-correction adds a gradient per step
+
+
+def test_model_flops_count_attention_as_its_matmuls():
+    # The MFU numerator: on a GPU, cuDNN's fused attention counts 0 flops in XLA's analysis;
+    # model_flops traces XLA attention, whose two matmuls are 2 * 2 * B * H * Lq * Lk * D flops.
+    import jax.numpy as jnp
+    from dpt_jax.bench import model_flops
+    from dpt_jax.models.layers import attention
+    b, lq, lk, h, d = 2, 64, 48, 4, 16
+    q, k, v = jnp.ones((b, lq, h, d)), jnp.ones((b, lk, h, d)), jnp.ones((b, lk, h, d))
+    matmuls = 2 * 2 * b * h * lq * lk * d
+    flops = model_flops(lambda q, k, v: attention(q, k, v), (q, k, v))
+    assert matmuls <= flops <= 1.1 * matmuls, (flops, matmuls)  # + the softmax's few flops per score

@@ -1,4 +1,5 @@
 """``dpt-jax precompute``: shards that resume, and a trainer fed from them that matches the image path."""
+import json
 import os
 
 import numpy as np
@@ -12,13 +13,35 @@ from dpt_jax.precompute import precompute
 from dpt_jax.train import train
 
 SAMPLES = 24  # 3 shards of 8; a global batch of 8 walks over them
+DATA = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jsonl_data(tmp_path_factory):
+    """A local JSONL data set of shapes-world images: even records REC (with a box), odd ones
+    ITM-only, and record 5's image missing (skipped and counted by the reader)."""
+    from PIL import Image
+    from dpt_jax.data.shapes import ShapesDataset
+    root = tmp_path_factory.mktemp("jsonl")
+    shapes = ShapesDataset(split="train", size=SAMPLES, image_size=32, seed=1)
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(SAMPLES):
+            s = shapes[i]
+            if i != 5:
+                Image.fromarray(s["image"]).save(root / f"{i}.png")
+            record = {"image": f"{i}.png", "caption": s["caption"], "neg_captions": [s["neg_caption"]]}
+            if i % 2 == 0:
+                record.update(expression=s["expression"], box=[float(v) for v in s["expression_box"]])
+            f.write(json.dumps(record) + "\n")
+    DATA.update(name="jsonl", path=str(root / "data.jsonl"), val_path=str(root / "data.jsonl"),
+                image_root=str(root), max_bad_fraction=0.5)
 
 
 def _config(stage="probe"):
     c = tiny(stage)
     c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 0, 3
     c.adapter.dropout = 0.0
-    c.data.train_size = SAMPLES
+    c.data.update(DATA)
     return c
 
 
@@ -33,9 +56,11 @@ def test_precomputed_rows_are_the_encoded_samples(latents_dir):
     assert len(ds) == SAMPLES and ds.meta["shapes"]["latents"] == [-1, 3, 16, 16, 4]
     rows = ds.batch([0, 9, 23])
     assert rows["latents"].shape == (3, 3, 16, 16, 4) and rows["hidden"].shape[:2] == (3, 4)
-    np.testing.assert_array_equal(rows["has_rec"], 1.0)
+    np.testing.assert_array_equal(rows["has_rec"], [1.0, 0.0, 0.0])  # record 9 is ITM-only
     source = make_dataset(_config().data, "train")
-    np.testing.assert_allclose(rows["expression_box"][1], source[9]["expression_box"], atol=1e-7)
+    np.testing.assert_allclose(rows["expression_box"][0], source[0]["expression_box"], atol=1e-7)
+    # Row 5's image is missing: the reader served the next record (6, with a box) in its place.
+    np.testing.assert_array_equal(ds.batch([5])["has_rec"], [1.0])
 
 
 def test_an_interrupted_precompute_finishes_with_the_same_shards(latents_dir, tmp_path):
@@ -64,6 +89,7 @@ def test_training_from_precomputed_latents_matches_training_from_images(latents_
     for ra, rb in zip(a, b):
         for key in ("loss", "itm_loss", "rec_loss") + (("mse_loss",) if stage == "tune" else ()):
             assert abs(ra[key] - rb[key]) <= 1e-5 * max(1.0, abs(ra[key])), (key, ra[key], rb[key])
+    assert a[-1]["bad_images"] == 1.0 and "bad_images" not in b[-1]  # the missing image, counted
 
 
 def test_the_trainer_rejects_latents_of_another_model(latents_dir, tmp_path):

@@ -393,10 +393,10 @@ def read_refexp_json(json_path: str) -> List[Record]:
     for k, entry in enumerate(data["images"]):
         anns = by_image.get(entry.get("id"), []) if isinstance(entry, dict) else []
         records.append(_refexp_record(entry, anns, f"{json_path}: images[{k}]"))
-    return _with_same_image_negatives(records)
+    return with_same_image_negatives(records)
 
 
-def _with_same_image_negatives(records: List[Record]) -> List[Record]:
+def with_same_image_negatives(records: List[Record]) -> List[Record]:
     """Give each record the expressions of other boxes on its image as hard-negative captions."""
     by_file: Dict[str, List[Record]] = {}
     for rec in records:

@@ -50,7 +50,7 @@ from dpt_jax.data.readers import (
     ImageRef,
     Record,
     RecordDataset,
-    _with_same_image_negatives,
+    with_same_image_negatives,
     xywh_to_cxcywh,
 )
 
@@ -232,4 +232,4 @@ class TfdsRefCoco(_TfdsRecords):
         return records
 
     def _finish(self, records: List[Record]) -> List[Record]:
-        return _with_same_image_negatives(records)
+        return with_same_image_negatives(records)

@@ -10,8 +10,9 @@ PyTorch state-dict key (``down_blocks.0.attentions.1.to_q.weight`` lives at
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,25 @@ def _cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
             and q.shape[1] == k.shape[1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
+# Set by `attention_implementation` while tracing; None: choose per call (below).
+_forced_implementation: Optional[str] = None
+
+
+@contextlib.contextmanager
+def attention_implementation(name: Optional[str]) -> Iterator[None]:
+    """Trace every :func:`attention` inside the block with ``name`` ('xla' or 'cudnn').
+
+    The benchmark counts model flops on an 'xla' trace: XLA's cost analysis gives cuDNN's fused
+    kernel no flops. The choice is made at trace time, so only functions traced inside see it.
+    """
+    global _forced_implementation
+    previous, _forced_implementation = _forced_implementation, name
+    try:
+        yield
+    finally:
+        _forced_implementation = previous
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
               mask: Optional[jax.Array] = None, implementation: Optional[str] = None) -> jax.Array:
     """Multi-head scaled dot-product attention, ``q, k, v``: [batch, length, heads, head_dim].
@@ -144,7 +164,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     if implementation is None:
-        implementation = "cudnn" if mask is None and _cudnn_supports(q, k) else "xla"
+        implementation = _forced_implementation or (
+            "cudnn" if mask is None and _cudnn_supports(q, k) else "xla")
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return out.astype(dtype)
 
