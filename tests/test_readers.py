@@ -13,7 +13,6 @@ from dpt_jax.data.readers import (
     HardNegativeTSV,
     JsonlDataset,
     RefExpJSON,
-    shard_indices,
     xywh_to_cxcywh,
 )
 
@@ -252,20 +251,29 @@ def test_batch_stacks_like_shapes(tmp_path, images):
         ds.batch([])
 
 
-@pytest.mark.parametrize("n", [10, 11])
-def test_shard_indices_cover_each_record_once(n):
-    for epoch in (0, 1):
-        parts = [shard_indices(n, p, 2, seed=3, epoch=epoch) for p in range(2)]
-        assert sorted(np.concatenate(parts).tolist()) == list(range(n))
-        assert abs(len(parts[0]) - len(parts[1])) <= 1
-        # Resuming at a position is the tail of the same list (a pure function).
-        np.testing.assert_array_equal(shard_indices(n, 1, 2, 3, epoch, position=2), parts[1][2:])
-    # Same permutation as the trainer's per-epoch stream.
-    perm = sample_indices(0, n, n, seed=3)
-    np.testing.assert_array_equal(shard_indices(n, 0, 1, 3, 0), perm)
-    assert not np.array_equal(shard_indices(n, 0, 1, 3, 0), shard_indices(n, 0, 1, 3, 1))
-    with pytest.raises(ValueError):
-        shard_indices(n, 2, 2, 0, 0)
+def stream_positions(n, global_batch, hosts, epochs, seed):
+    """Record index at each position of the trainer's sample stream, read as ``hosts`` hosts do
+    (batches.sample_indices: host p takes its slice of every global batch)."""
+    local = global_batch // hosts
+    out = {}
+    for step in range(-(-epochs * n // global_batch)):
+        for host in range(hosts):
+            rows = sample_indices(step, global_batch, n, seed, host, hosts)
+            for k, index in enumerate(rows):
+                out[step * global_batch + host * local + k] = int(index)
+    return out
+
+
+@pytest.mark.parametrize("n", [12, 11])
+def test_per_host_rows_cover_each_record_once_per_epoch(n):
+    positions = stream_positions(n, global_batch=4, hosts=2, epochs=3, seed=3)
+    for epoch in range(3):
+        assert sorted(positions[p] for p in range(epoch * n, (epoch + 1) * n)) == list(range(n))
+    one_host = stream_positions(n, global_batch=4, hosts=1, epochs=3, seed=3)
+    assert all(one_host[p] == positions[p] for p in positions)  # the host count does not change the data
+    # A pure function of the step: resuming at step 2 reads what the uninterrupted run read.
+    np.testing.assert_array_equal(sample_indices(2, 4, n, 3, 1, 2), sample_indices(2, 4, n, 3, 1, 2))
+    assert not np.array_equal([positions[p] for p in range(n)], [positions[p] for p in range(n, 2 * n)])
 
 
 def test_make_batch_reads_reader_batches(tmp_path, images):

@@ -15,7 +15,7 @@ from PIL import Image
 from tensorflow_datasets.datasets.ref_coco.ref_coco_dataset_builder import Builder as RefCocoBuilder
 from tensorflow_datasets.object_detection.coco_captions import CocoCaptions
 
-from dpt_jax.data.readers import shard_indices
+from test_readers import stream_positions
 from dpt_jax.data.tfds_readers import TfdsCocoCaptions, TfdsRefCoco, tfds_box_to_cxcywh
 
 S = 16
@@ -194,11 +194,12 @@ def test_deterministic_from_seed(dirs):
 def test_per_host_split_covers_every_record_once(dirs):
     path = str(dirs["root"] / "good")
     for ds in (TfdsCocoCaptions(data_dir=path, image_size=S), TfdsRefCoco(data_dir=path, image_size=S)):
+        n = len(ds)
+        positions = stream_positions(n, global_batch=2, hosts=2, epochs=2, seed=5)
         for epoch in (0, 1):
-            hosts = [shard_indices(len(ds), host, 2, seed=5, epoch=epoch) for host in range(2)]
-            assert sorted(np.concatenate(hosts).tolist()) == list(range(len(ds)))
-            seen = [ds[i]["caption"] for part in hosts for i in part]
-            assert sorted(seen) == sorted(r.caption for r in ds.records)
+            epoch_rows = [positions[p] for p in range(epoch * n, (epoch + 1) * n)]
+            assert sorted(epoch_rows) == list(range(n))
+            assert sorted(ds[i]["caption"] for i in epoch_rows) == sorted(r.caption for r in ds.records)
 
 
 def test_malformed_example_names_split_and_index(dirs):

@@ -70,20 +70,6 @@ def _where(path: str, line: Union[int, str]) -> str:
     return f"{path}:{line}"
 
 
-def shard_indices(n: int, process_index: int, process_count: int, seed: int, epoch: int,
-                  position: int = 0) -> np.ndarray:
-    """This host's record indices for ``epoch``, from its ``position``-th on (to resume).
-
-    One permutation per (seed, epoch), the same on every host, split by stride: across hosts
-    every record appears exactly once per epoch (host sizes differ by at most one when
-    process_count does not divide n). A pure function of its arguments.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[process_index::process_count][position:]
-
-
 class RecordDataset:
     """Indexable data set over parsed records with the ShapesDataset interface (module docstring)."""
 

@@ -2,9 +2,9 @@
 
 For users who already prepared these builders with tfds (``ref_coco`` needs its manual download):
 both readers subclass :class:`dpt_jax.data.readers.RecordDataset`, so they yield exactly its sample
-dict and share its sampling, per-host split (``shard_indices``) and bad-image handling. Only where
-an image comes from differs: the encoded bytes stored in the tfds record, read through the
-``RecordDataset._open_image`` hook instead of a file.
+dict and share its sampling and bad-image handling (the trainer splits rows per host with
+``batches.sample_indices``). Only where an image comes from differs: the encoded bytes stored in
+the tfds record, read through the ``RecordDataset._open_image`` hook instead of a file.
 
 Records:
 - ``TfdsCocoCaptions``: one record per (image, caption), so every caption is trained on once per
