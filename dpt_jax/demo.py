@@ -67,21 +67,20 @@ def oracle_alignment(images: np.ndarray, prompts: Sequence[Dict[str, Any]]) -> D
 
 def generate_variants(run: Any, prompts: Sequence[Dict[str, Any]], steps: int, eta_sc: float,
                       batch_size: int) -> Dict[str, np.ndarray]:
+    import dataclasses
+    from dpt_jax.generate import SamplingModels, make_generator
     from dpt_jax.lora import merge_lora
-    from dpt_jax.sampler import Generator, SamplerConfig
     sd = run.sd
-    tuned = merge_lora(sd.unet_params, run.params["lora"], run.lora_spec)
-    taps = tuple(run.config.adapter.taps)
+    tuned = SamplingModels(sd, merge_lora(sd.unet_params, run.params["lora"], run.lora_spec), run.adapter,
+                           run.params["adapter"], tuple(run.config.adapter.taps))
     variants = {
-        "base": dict(unet_params=sd.unet_params, eta=0.0),
-        "tuned": dict(unet_params=tuned, eta=0.0),
-        "tuned + self-correction": dict(unet_params=tuned, eta=eta_sc),
+        "base": (dataclasses.replace(tuned, unet_params=sd.unet_params), 0.0),
+        "tuned": (tuned, 0.0),
+        "tuned + self-correction": (tuned, eta_sc),
     }
     images = {}
-    for name, v in variants.items():
-        gen = Generator(sd, SamplerConfig(steps=steps, guidance=7.5, eta_sc=v["eta"], taps=taps),
-                        unet_params=v["unet_params"], adapter=run.adapter, adapter_params=run.params["adapter"],
-                        latent_size=sd.sample_size)
+    for name, (models, eta) in variants.items():
+        gen = make_generator(models, steps=steps, guidance=7.5, eta_sc=eta, latent_size=sd.sample_size)
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]

@@ -32,14 +32,6 @@ def wilson_interval(hits: float, n: int, z: float = 1.96) -> Tuple[float, float]
     return (centre - half, centre + half)
 
 
-def itm_hits(scores: jax.Array) -> Dict[str, jax.Array]:
-    """ITM scores [6, n] in the objective's candidate order -> 0/1 hits per sample: the positive
-    (x+, c+) beats the hard-negative caption (text), the hard-negative image (image), and the
-    random caption / image (the easy half of the task)."""
-    hit = lambda other: (scores[0] > scores[other]).astype(jnp.float32)
-    return dict(text_hit=hit(3), image_hit=hit(1), text_rand_hit=hit(4), image_rand_hit=hit(2))
-
-
 def rec_hits(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax.Array) -> Dict[str, jax.Array]:
     """REC precision@1 hits per sample: the best query's box (score 1 - p(no object)) against the
     ground truth (cxcywh), at IoU >= 0.5 and at GIoU >= 0.5."""
@@ -52,7 +44,8 @@ def _per_sample(obj: Objective, trainable: Any, frozen: Any, batch: Dict[str, ja
                 ) -> Dict[str, jax.Array]:
     out = candidate_outputs(obj, trainable, frozen, batch, rng, None, EVAL_TIMESTEP, fresh_noise=True)
     rec = rec_hits(out["pred_logits"], out["pred_boxes"], batch["expression_box"])
-    return dict(itm_hits(out["scores"]), **{k: v * batch["has_rec"] for k, v in rec.items()},
+    return dict(**{f"{k}_hit": v for k, v in losses.itm_pairwise_hits(out["scores"]).items()},
+                **{k: v * batch["has_rec"] for k, v in rec.items()},
                 has_rec=batch["has_rec"], gt_box=batch["expression_box"])
 
 

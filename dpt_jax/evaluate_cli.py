@@ -88,6 +88,9 @@ def data_config(base: Any, overrides: Sequence[str], split: str) -> Any:
     if "{split}" in data.val_path:
         data.val_path = data.val_path.replace("{split}", split)
     elif split != "val":
+        if data.name not in ("coco_captions", "ref_coco"):
+            raise SystemExit(f"dpt-jax evaluate: --splits {split}: put '{{split}}' in the data's val_path "
+                             f"(now {data.val_path!r}) so that each split reads its own file")
         data.tfds_val_split = split
     return data
 

@@ -70,6 +70,14 @@ def itm_losses(s_t2i: jax.Array, s_i2t: jax.Array, logit_scale_param: jax.Array,
                  for s in (s_t2i, s_i2t))
 
 
+def itm_pairwise_hits(scores: jax.Array) -> Dict[str, jax.Array]:
+    """ITM scores ``[6, n]`` in the objective's candidate order (dpt_jax/objective.py) -> 0/1 hits
+    per sample: the positive (x+, c+) beats the hard-negative caption (``text``), the hard-negative
+    image (``image``) and the random caption / image (``text_rand`` / ``image_rand``); ties lose."""
+    hit = lambda other: (scores[0] > scores[other]).astype(jnp.float32)
+    return dict(text=hit(3), image=hit(1), text_rand=hit(4), image_rand=hit(2))
+
+
 def itm_accuracy(s: jax.Array) -> jax.Array:
     """``[B, K] -> [B]`` float: 1 where candidate 0 strictly beats every other (ties lose)."""
     return (s[..., 0] > jnp.max(s[..., 1:], axis=-1)).astype(jnp.float32)

@@ -168,10 +168,9 @@ def dpt_losses(obj: Objective, trainable: Params, frozen: Params, batch: Dict[st
     itm = loss_t2i + loss_i2t
     total = obj.itm_weight * itm + obj.rec_weight * rec["loss"]
     metrics = dict(itm_loss=itm, itm_t2i_loss=loss_t2i, itm_i2t_loss=loss_i2t, rec_loss=rec["loss"],
-                   # The evaluation protocol's accuracies: the positive beats the hard negative.
-                   itm_text_acc=(scores[0] > scores[3]).mean(), itm_image_acc=(scores[0] > scores[1]).mean(),
-                   # Against the random negatives: how far the easy half of the task is learnt.
-                   itm_text_rand_acc=(scores[0] > scores[4]).mean(), itm_image_rand_acc=(scores[0] > scores[2]).mean(),
+                   # The evaluation protocol's accuracies (itm_text_acc, itm_image_acc: the positive beats
+                   # the hard negative) and those against the random negatives.
+                   **{f"itm_{k}_acc": v.mean() for k, v in losses.itm_pairwise_hits(scores).items()},
                    # The trained 3-way task: the positive beats both negatives (chance 1/3).
                    itm_t2i_acc=losses.itm_accuracy(scores[jnp.array([0, 1, 2])].T).mean(),
                    itm_i2t_acc=losses.itm_accuracy(scores[jnp.array([0, 3, 4])].T).mean())

@@ -9,7 +9,8 @@ import pytest
 from dpt_jax import evaluate_cli
 from dpt_jax.clip_score import load_clip
 from dpt_jax.data import prompts
-from dpt_jax.evaluate import itm_hits, rec_hits, wilson_interval
+from dpt_jax.evaluate import rec_hits, wilson_interval
+from dpt_jax.losses import itm_pairwise_hits
 from dpt_jax.testing import make_tiny_clip_dir
 from dpt_jax.train import train
 from dpt_jax.default_config import tiny
@@ -25,11 +26,11 @@ def test_itm_hits_on_scores_of_known_order():
         [0.8, 0.1, 0.6, 0.2],   # hard-negative caption
         [1.0, 0.0, 0.1, 0.1],   # random caption
         [0.0, 0.0, 0.0, 0.0]])
-    hits = {k: np.asarray(v) for k, v in itm_hits(scores).items()}
-    np.testing.assert_array_equal(hits["image_hit"], [1, 0, 0, 0])   # a tie (sample 3) is a miss
-    np.testing.assert_array_equal(hits["text_hit"], [1, 1, 0, 1])
-    np.testing.assert_array_equal(hits["image_rand_hit"], [1, 1, 1, 1])
-    np.testing.assert_array_equal(hits["text_rand_hit"], [0, 1, 1, 1])
+    hits = {k: np.asarray(v) for k, v in itm_pairwise_hits(scores).items()}
+    np.testing.assert_array_equal(hits["image"], [1, 0, 0, 0])   # a tie (sample 3) is a miss
+    np.testing.assert_array_equal(hits["text"], [1, 1, 0, 1])
+    np.testing.assert_array_equal(hits["image_rand"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(hits["text_rand"], [0, 1, 1, 1])
 
 
 def test_rec_precision_at_1_on_a_known_box_set():
@@ -140,6 +141,9 @@ def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path):
     with pytest.raises(SystemExit, match="unknown key"):
         evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--data", "colour=red", "--out",
                            str(tmp_path)])
+    with pytest.raises(SystemExit, match="put '{split}' in the data's val_path"):
+        evaluate_cli.main(["--task", "rec", "--run", f"a={probe_run}", "--splits", "testA", "--data",
+                           "name=refexp_json", "val_path=/data/finetune_refcoco_val.json", "--out", str(tmp_path)])
 
 
 def test_evaluate_t2i_clip_scores_every_variant(probe_run, tmp_path):
