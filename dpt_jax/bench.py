@@ -2,8 +2,9 @@
 
 The measurements of ``shared/bench/torch_dpt_reference.py`` (same names, same JSON keys):
 
-  tune   - one stage-2 step: LoRA r4 + adapter trained, one full U-Net pass (denoising MSE) and
-           five passes stopped at the tap (the other ITM candidates and the REC expression), AdamW;
+  tune   - one stage-2 step: LoRA r4 + adapter trained, AdamW; the anchor's one full U-Net pass
+           (denoising MSE) and five passes stopped at the tap (the other ITM candidates and the
+           REC expression) are here one U-Net call whose positive rows go on past the tap;
   probe  - one stage-1 step: six passes stopped at the tap, the U-Net frozen, only the adapter trains;
   sample - 50-step DDIM with CFG 7.5, without and with self-correction (eta 0.5).
 

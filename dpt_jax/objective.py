@@ -128,21 +128,15 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
     unet_params = frozen["unet"]
     out: Dict[str, jax.Array] = {"t": t}
 
-    if obj.denoising:  # full pass on (x+, c+): the MSE and its taps; the others stop at the tap
-        lat0, hid0, _ = candidate_inputs(noisy, hidden, pooled, [0])
-        eps0, taps0 = unet_forward(sd.unet, unet_params, lora, lat0, t, hid0, obj.taps, eps=True)
-        lat, hid, _ = candidate_inputs(noisy, hidden, pooled, range(1, NUM_CANDIDATES))
-        _, taps_rest = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES - 1), hid,
-                                    obj.taps, eps=False)
-        taps = {k: jnp.concatenate([taps0[k], taps_rest[k]]) for k in obj.taps}
+    lat, hid_all, pool_all = candidate_inputs(noisy, hidden, pooled, range(NUM_CANDIDATES))
+    # One U-Net call: every candidate runs to the tap; stage 2's positive pair (the first n rows)
+    # goes on to the noise prediction for the denoising loss.
+    eps0, taps = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES), hid_all, obj.taps,
+                              eps=obj.denoising, eps_rows=n if obj.denoising else None)
+    if obj.denoising:
         out["eps"] = eps0.astype(jnp.float32)
         out["target"] = sd.schedule.training_target(latents[0], noise, t).astype(jnp.float32)
-    else:
-        lat, hid, _ = candidate_inputs(noisy, hidden, pooled, range(NUM_CANDIDATES))
-        _, taps = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES), hid,
-                               obj.taps, eps=False)
 
-    _, hid_all, pool_all = candidate_inputs(noisy, hidden, pooled, range(NUM_CANDIDATES))
     heads = obj.adapter.apply({"params": trainable["adapter"]}, features_of(taps, obj.taps),
                               jnp.tile(t, NUM_CANDIDATES), text_tokens=hid_all[-n:],
                               deterministic=dropout_rng is None,

@@ -9,7 +9,23 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_process_env(devices: Optional[int] = None, drop: Iterable[str] = ()) -> Dict[str, str]:
+    """The environment of a test's child process: JAX on the CPU (with ``devices`` host devices,
+    other XLA flags kept), this checkout importable, the variables ``drop`` removed."""
+    env = {k: v for k, v in os.environ.items() if k not in set(drop)}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    if devices:
+        count = "--xla_force_host_platform_device_count"
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+        env["XLA_FLAGS"] = " ".join(flags + [f"{count}={devices}"])
+    return env
+
 
 WORDS = (
     "a an the one two three and of to left right above below leftmost rightmost topmost bottommost photo "

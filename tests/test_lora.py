@@ -184,3 +184,19 @@ def test_grad_accum_matches_single_batch(sd):
     assert diff < 1e-5 * moved
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+
+
+def test_accumulating_more_micro_batches_does_not_grow_the_program(sd):
+    # The micro-batches run in a lax.scan: one copy of the U-Net in the program for any grad_accum
+    # (a traced loop would hold k copies and compile k times longer: the recipe's k is 8).
+    config = tiny("tune")
+    config.batch_size = 8
+    obj = build_objective(config, sd)
+    optimizer = optax.sgd(1.0)
+    state = init_state(config, sd, obj, optimizer)
+    batch = batches.batch_at(make_dataset(config, "train"), sd.tokenizer, 0, config.batch_size, config.data.seed)
+
+    def convolutions(k):
+        step = jax.jit(functools.partial(train_step, obj, optimizer, learning_rate(config), k))
+        return step.lower(state, sd.frozen_params(), batch).as_text().count("stablehlo.convolution")
+    assert convolutions(1) == convolutions(4) > 0

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from dpt_jax.testing import cpu_process_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "probe_tiny.py")
 LAUNCH = os.path.join(REPO, "launch")
@@ -29,12 +31,7 @@ TIMEOUT = 900
 
 
 def _env(devices=None):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DPT_COORDINATOR", "DPT_NUM_PROCESSES", "DPT_PROCESS_ID", "DPT_DISTRIBUTED")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    return cpu_process_env(devices, drop=("DPT_COORDINATOR", "DPT_NUM_PROCESSES", "DPT_PROCESS_ID", "DPT_DISTRIBUTED"))
 
 
 def _train_cmd(workdir):

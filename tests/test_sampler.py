@@ -11,7 +11,7 @@ import pytest
 from dpt_jax.default_config import tiny
 from dpt_jax.pipeline import load_pretrained
 from dpt_jax.sampler import Generator, Models, SamplerConfig, adapter_score, initial_latents
-from dpt_jax.testing import make_tiny_sd_dir
+from dpt_jax.testing import cpu_process_env, make_tiny_sd_dir
 from dpt_jax.train import build_objective, init_adapter_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,10 +99,8 @@ def test_eight_devices_give_the_same_images_as_one(tmp_path):
     outputs = {}
     for devices in (1, 8):
         out = str(tmp_path / f"d{devices}.npz")
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-        result = subprocess.run([sys.executable, script, out], env=env, cwd=REPO, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run([sys.executable, script, out], env=cpu_process_env(devices), cwd=REPO,
+                                capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[devices] = np.load(out)
     assert int(outputs[8]["devices"]) == 8

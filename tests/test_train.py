@@ -12,6 +12,7 @@ from dpt_jax.default_config import load_config_file, tiny
 from dpt_jax.evaluate import evaluate_discriminative
 from dpt_jax.metrics import read_metrics
 from dpt_jax.train import build_objective, load_trained, make_dataset, train
+from dpt_jax.testing import cpu_process_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,12 +78,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, stage, monkeypatch):
 
 
 def _cli_train(workdir, *flags, devices=1, config="probe_tiny.py"):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "dpt_jax.cli", "train", "--config", os.path.join(REPO, "configs", config),
            "--workdir", workdir, *flags]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=cpu_process_env(devices), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("config", ["probe_tiny.py", "tune_tiny.py"])

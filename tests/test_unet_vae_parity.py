@@ -145,6 +145,21 @@ def test_early_exit_matches_and_costs_less(tiny_unet_sd2):
     assert _flops(early) < _flops(u.full)
 
 
+def test_eps_rows_continue_past_the_tap_and_the_others_stop(tiny_unet_sd2):
+    # DPT stage 2 in one call: every row to the tap, the first row on to the noise prediction.
+    u = tiny_unet_sd2
+    split = jax.jit(lambda p, *a: u.model.apply({"params": p}, *a, taps=("up1",), eps_rows=1)).lower(
+        u.params, *u.inputs).compile()
+    eps, feats = split(u.params, *u.inputs)
+    full_eps, full_feats = u.full(u.params, *u.inputs)
+    assert eps.shape == (1,) + full_eps.shape[1:] and feats["up1"].shape == full_feats["up1"].shape
+    assert _max_err(eps, full_eps[:1]) <= 1e-5
+    assert _max_err(feats["up1"], full_feats["up1"]) <= 1e-5
+    assert _flops(split) < _flops(u.full)
+    with pytest.raises(ValueError, match="eps_rows"):
+        u.model.apply({"params": u.params}, *u.inputs, taps=(), eps_rows=1)
+
+
 def test_unknown_tap_lists_valid_ones(tiny_unet_sd2):
     u = tiny_unet_sd2
     with pytest.raises(ValueError, match="up9.*down0, down1.*up3"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -193,33 +193,31 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, **kw)
         self.conv_out = Conv2d(cfg.out_channels, **kw)
 
-    def _last_stage(self, taps: Sequence[str], return_eps: bool) -> int:
+    def _tap_stage(self, taps: Sequence[str]) -> int:
+        """The stage index of the last requested tap (-1: none)."""
         names = self.config.tap_names()
         unknown = [t for t in taps if t not in names]
         if unknown:
             raise ValueError(f"unknown U-Net tap(s) {unknown}; valid taps: {', '.join(names)}")
-        if return_eps:
-            return len(names)
         return max((names.index(t) for t in taps), default=-1)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 taps: Sequence[str] = (), return_eps: bool = True
+                 taps: Sequence[str] = (), return_eps: bool = True, eps_rows: Optional[int] = None
                  ) -> Tuple[Optional[jax.Array], Dict[str, jax.Array]]:
         """``sample`` [B, H, W, C]; ``timesteps`` [B] or a scalar; ``encoder_hidden_states`` [B, L, D].
 
         Returns the noise prediction (None when ``return_eps`` is False: then no block after the
-        last requested tap runs) and a dict tap name -> NHWC feature map.
+        last requested tap runs) and a dict tap name -> NHWC feature map. ``eps_rows`` k: only
+        the first k rows go on past the last tap, so the prediction has k rows and the other
+        rows share the passes up to the tap (DPT's one full pass among the discriminative ones).
         """
         taps = (taps,) if isinstance(taps, str) else tuple(taps)
-        last = self._last_stage(taps, return_eps)
+        tap_stage = self._tap_stage(taps)
+        last = len(self.config.tap_names()) if return_eps else tap_stage
+        if eps_rows is not None and not (return_eps and 0 <= tap_stage):
+            raise ValueError("eps_rows needs return_eps=True and at least one tap")
         cfg, n = self.config, len(self.config.block_out_channels)
         feats: Dict[str, jax.Array] = {}
-
-        def record(stage: int, name: str, x: jax.Array) -> bool:
-            if name in taps:
-                feats[name] = x
-            return stage >= last
-
         if last < 0:
             return None, feats
         t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
@@ -227,15 +225,25 @@ class UNet2DConditionModel(nn.Module):
         emb = self.time_embedding(temb)
         context = encoder_hidden_states.astype(self.dtype)
 
+        def end_of_stage(stage: int, name: str, x: jax.Array, skips: List[jax.Array]):
+            """Records a tap; narrows the rows after the last tap. Returns (done, x, skips, emb, context)."""
+            if name in taps:
+                feats[name] = x
+            if stage == tap_stage and eps_rows is not None:
+                return False, x[:eps_rows], [s[:eps_rows] for s in skips], emb[:eps_rows], context[:eps_rows]
+            return stage >= last, x, skips, emb, context
+
         x = self.conv_in(sample)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
             x, res = block(x, emb, context)
             skips.extend(res)
-            if record(i, f"down{i}", x):
+            done, x, skips, emb, context = end_of_stage(i, f"down{i}", x, skips)
+            if done:
                 return None, feats
         x = self.mid_block(x, emb, context)
-        if record(n, "mid", x):
+        done, x, skips, emb, context = end_of_stage(n, "mid", x, skips)
+        if done:
             return None, feats
         for i, block in enumerate(self.up_blocks):
             k = cfg.layers_per_block[n - 1 - i] + 1
@@ -243,7 +251,8 @@ class UNet2DConditionModel(nn.Module):
             # Only matters when the input size is not a multiple of the total downsampling.
             size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
             x = block(x, res, emb, context, size)
-            if record(n + 1 + i, f"up{i}", x):
+            done, x, skips, emb, context = end_of_stage(n + 1 + i, f"up{i}", x, skips)
+            if done:
                 return None, feats
         x = self.conv_out(nn.silu(self.conv_norm_out(x)))
         return x, feats
