@@ -11,15 +11,15 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding dpt_jax/
 
 
 def cpu_process_env(devices: Optional[int] = None, drop: Iterable[str] = ()) -> Dict[str, str]:
     """The environment of a test's child process: JAX on the CPU (with ``devices`` host devices,
-    other XLA flags kept), this checkout importable, the variables ``drop`` removed."""
+    other XLA flags kept), this dpt_jax importable, the variables ``drop`` removed."""
     env = {k: v for k, v in os.environ.items() if k not in set(drop)}
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_IMPORT_ROOT, os.environ.get("PYTHONPATH")]))
     if devices:
         count = "--xla_force_host_platform_device_count"
         flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
