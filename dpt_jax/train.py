@@ -290,39 +290,44 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     progress = tqdm(total=config.num_steps, initial=start, desc=f"{config.stage}", disable=jax.process_index() != 0)
     pending = []
     t0 = time.perf_counter()
-    with trainer.mesh:
-        for step in range(start, config.num_steps):
-            state, metrics = trainer.step_fn(state, trainer.frozen, trainer.global_batch(step))
-            pending.append(metrics)
-            done = step + 1
-            if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):
-                rows = jax.device_get(pending)
-                pending = []
-                if not all(r["finite"] > 0 for r in rows):
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient before step {done} (loss={[float(r['loss']) for r in rows]}); "
-                        f"the update was skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
-                last = {k: float(v) for k, v in rows[-1].items() if k != "finite"}
-                last["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
-                if hasattr(trainer.train_data, "bad_images"):  # image-file readers skip and count bad images
-                    last["bad_images"] = float(trainer.train_data.bad_images)
-                t0 = time.perf_counter()
-                if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
-                    last.update(trainer.evaluate(state))
-                writer.write(done, last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}")
-            progress.update(1)
-            if preemption.reached(done):
-                trainer.ckpt.save(done, state, force=True)
-                logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
-                                done, trainer.ckpt.directory)
-                last["preempted"] = 1.0  # callers running several stages stop here too
-                break
-            trainer.ckpt.save(done, state, force=done == config.num_steps)
-    preemption.close()
-    trainer.ckpt.wait()
-    progress.close()
-    writer.close()
+    # On any exit (a non-finite loss, an exception, Ctrl-C) a checkpoint being written is finished:
+    # the last good step is on disk, as the error says.
+    try:
+        with trainer.mesh:
+            for step in range(start, config.num_steps):
+                state, metrics = trainer.step_fn(state, trainer.frozen, trainer.global_batch(step))
+                pending.append(metrics)
+                done = step + 1
+                if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):
+                    rows = jax.device_get(pending)
+                    pending = []
+                    if not all(r["finite"] > 0 for r in rows):
+                        losses = [float(r["loss"]) for r in rows]
+                        raise NonFiniteLossError(
+                            f"non-finite loss or gradient before step {done} (loss={losses}); the update was "
+                            f"skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
+                    last = {k: float(v) for k, v in rows[-1].items() if k != "finite"}
+                    last["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
+                    if hasattr(trainer.train_data, "bad_images"):  # image-file readers skip and count bad images
+                        last["bad_images"] = float(trainer.train_data.bad_images)
+                    t0 = time.perf_counter()
+                    if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+                        last.update(trainer.evaluate(state))
+                    writer.write(done, last)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}")
+                progress.update(1)
+                if preemption.reached(done):
+                    trainer.ckpt.save(done, state, force=True)
+                    logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
+                                    done, trainer.ckpt.directory)
+                    last["preempted"] = 1.0  # callers running several stages stop here too
+                    break
+                trainer.ckpt.save(done, state, force=done == config.num_steps)
+    finally:
+        preemption.close()
+        trainer.ckpt.wait()
+        progress.close()
+        writer.close()
     return last
 
 
