@@ -1,9 +1,10 @@
 """``dpt-jax bench --tiny``: every measurement runs, reports the anchor's keys, compiles once."""
 import json
 import math
-import os
 import subprocess
 import sys
+
+from dpt_jax.testing import cpu_process_env
 
 # The keys of shared/bench/torch_dpt_reference.py's lines: both sides can be put side by side.
 ANCHOR_KEYS = {"impl", "device", "batch", "shapes", "what", "median_s", "min_s"}
@@ -12,7 +13,7 @@ ANCHOR_KEYS = {"impl", "device", "batch", "shapes", "what", "median_s", "min_s"}
 def test_bench_tiny_lines():
     # A fresh process: --tiny's XLA flags act only before jax starts; the CLI shares the
     # persistent compilation cache with the other tests.
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = cpu_process_env()
     run = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "bench", "--tiny", "--batch", "2"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
