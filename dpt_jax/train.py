@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax
 import jax
@@ -273,6 +273,20 @@ class Trainer:
         return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
 
 
+def _summary(trainer: "Trainer", rows: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
+    """The metrics logged at step ``done``, from the rows of the steps since the last log."""
+    if not all(r["finite"] > 0 for r in rows):
+        losses = [float(r["loss"]) for r in rows]
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient before step {done} (loss={losses}); the update was "
+            f"skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
+    last = {k: float(v) for k, v in rows[-1].items() if k != "finite"}
+    last["steps_per_s"] = len(rows) / seconds
+    if hasattr(trainer.train_data, "bad_images"):  # image-file readers skip and count bad images
+        last["bad_images"] = float(trainer.train_data.bad_images)
+    return last
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     """Run (or resume) a training run; returns the last logged metrics (``preempted`` set when a
     SIGTERM stopped it early)."""
@@ -299,18 +313,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                 pending.append(metrics)
                 done = step + 1
                 if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):
-                    rows = jax.device_get(pending)
-                    pending = []
-                    if not all(r["finite"] > 0 for r in rows):
-                        losses = [float(r["loss"]) for r in rows]
-                        raise NonFiniteLossError(
-                            f"non-finite loss or gradient before step {done} (loss={losses}); the update was "
-                            f"skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
-                    last = {k: float(v) for k, v in rows[-1].items() if k != "finite"}
-                    last["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
-                    if hasattr(trainer.train_data, "bad_images"):  # image-file readers skip and count bad images
-                        last["bad_images"] = float(trainer.train_data.bad_images)
-                    t0 = time.perf_counter()
+                    last = _summary(trainer, jax.device_get(pending), done, time.perf_counter() - t0)
+                    pending, t0 = [], time.perf_counter()
                     if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
                         last.update(trainer.evaluate(state))
                     writer.write(done, last)
