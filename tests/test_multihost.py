@@ -301,6 +301,7 @@ def _script(name, *args):
     ("gpu_slurm.sh", ["configs/none.py", "runs/x"], "config file not found"),
     ("gpu_slurm.sh", ["--nodes", "x", "configs/probe_tiny.py", "runs/x"], "--nodes must be a positive integer"),
     ("tpu_vm.sh", [], "no ACTION given"),
+    ("bench_gpu.sh", ["tune:4:eager", "probe:8:jit"], "measurement 'probe:8:jit': expected what:batch:anchor"),
     ("tpu_vm.sh", ["run", "--project", "p", "--zone", "z", "configs/probe_tiny.py", "runs/x"],
      "--accelerator-type is required"),
     ("tpu_vm.sh", ["create", "--project", "p", "--zone", "z", "--accelerator-type", "big"], "does not look like"),
