@@ -11,8 +11,10 @@ PyTorch state-dict key (``down_blocks.0.attentions.1.to_q.weight`` lives at
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -125,11 +127,59 @@ class LayerNorm(nn.Module):
         return xf.astype(self.dtype)
 
 
-def _cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
-    # cuDNN fused attention rejects short, odd key lengths such as CLIP's 77 tokens
-    # ("Unsupported sequence length Q 4096, KV 77"); it is used for self-attention only.
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[1] == k.shape[1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+# cuDNN's fused kernel gets the keys of a cross-attention padded to a multiple of this, the padding
+# masked by their lengths: it refused CLIP's 77 keys unpadded ("Unsupported sequence length Q 4096,
+# KV 77" on an H200, jax 0.11.2), leaving those layers to XLA's much slower attention.
+CUDNN_KEY_MULTIPLE = 64
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _cudnn_may_support(q: jax.Array) -> bool:
+    """The static part of cuDNN's flash-attention conditions (GPU, half precision, head dim)."""
+    return _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+
+
+def _padded_key_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+    """Attention with the keys and values zero-padded to a multiple of ``CUDNN_KEY_MULTIPLE`` and
+    the padding masked out by the key lengths: the same result."""
+    length = k.shape[1]
+    pad = [(0, 0), (0, -length % CUDNN_KEY_MULTIPLE), (0, 0), (0, 0)]
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    return jax.nn.dot_product_attention(q, jnp.pad(k, pad), jnp.pad(v, pad), key_value_seq_lengths=lengths,
+                                        implementation=implementation)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    if implementation == "cudnn" and k.shape[1] != q.shape[1] and k.shape[1] % CUDNN_KEY_MULTIPLE:
+        return _padded_key_attention(q, k, v, implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_compiles(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: Any) -> bool:
+    """Whether cuDNN's kernel compiles, forward and backward, for these shapes on this GPU: what it
+    accepts depends on the chip and the cuDNN version. Once per shape, from the shapes alone (so
+    also while another function is being traced)."""
+    def loss(q, k, v):
+        return _attention(q, k, v, "cudnn").astype(jnp.float32).sum()
+    q, k = jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(k_shape, dtype)
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k).compile()
+        return True
+    except Exception as error:  # a trace-time NotImplementedError or a compile-time XLA error
+        logging.warning("cuDNN attention does not compile for q %s, k %s (%s: %s); using XLA's",
+                        q_shape, k_shape, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return False
+
+
+def _auto_implementation(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> str:
+    if mask is None and _cudnn_may_support(q) and _cudnn_compiles(q.shape, k.shape, q.dtype):
+        return "cudnn"
+    return "xla"
 
 
 # Set by `attention_implementation` while tracing; None: choose per call (below).
@@ -156,18 +206,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
     """Multi-head scaled dot-product attention, ``q, k, v``: [batch, length, heads, head_dim].
 
     The one attention function of the U-Net, VAE and text encoder. ``implementation`` None
-    picks cuDNN's fused kernel on GPU where the shapes allow it and XLA otherwise.
+    picks cuDNN's fused kernel on GPU where it compiles for the shapes, and XLA otherwise.
     ``upcast`` runs the product and softmax in float32 (diffusers' ``upcast_attention``).
     ``mask``: boolean, broadcastable to [batch, heads, q_len, k_len], True = attend.
     """
     dtype = q.dtype
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    if implementation is None:
-        implementation = _forced_implementation or (
-            "cudnn" if mask is None and _cudnn_supports(q, k) else "xla")
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-    return out.astype(dtype)
+    implementation = implementation or _forced_implementation or _auto_implementation(q, k, mask)
+    return _attention(q, k, v, implementation, mask).astype(dtype)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = False,
