@@ -10,7 +10,7 @@ CORE = [
 TORCH = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "peft==0.21.2", "accelerate>=1.0"]
 # dpt_jax.data.tfds_readers; TensorFlow too: the coco_captions builder's feature spec imports it.
 TFDS = ["tensorflow-cpu==2.21.0", "tensorflow-datasets==4.9.10"]
-TEST = TORCH + TFDS + ["pytest>=8"]  # tests/test_tfds_readers.py prepares tiny tfds builders
+TEST = TORCH + TFDS + ["pytest>=8", "pytest-xdist>=3.5"]  # tests/test_tfds_readers.py prepares tiny tfds builders
 
 setup(
     name="dpt-jax",
