@@ -273,7 +273,7 @@ class Trainer:
         return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
 
 
-def _summary(trainer: "Trainer", rows: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
+def _summary(trainer: Trainer, rows: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
     """The metrics logged at step ``done``, from the rows of the steps since the last log."""
     if not all(r["finite"] > 0 for r in rows):
         losses = [float(r["loss"]) for r in rows]

@@ -61,6 +61,11 @@ def test_cross_attention_goes_to_cudnn_with_padded_keys_where_cudnn_compiles(on_
     with layers.attention_implementation("xla"):  # the benchmark's flop count
         layers.attention(q, k, v)
     assert calls[-1] == ("xla", 77, None)
+    mask = jnp.arange(77) < 70
+    with layers.attention_implementation("cudnn"):  # a mask is passed on as it is, never padded away
+        masked = layers.attention(q, k, v, mask=mask)
+    assert calls[-1] == ("cudnn", 77, None)
+    np.testing.assert_array_equal(np.asarray(masked), np.asarray(xla_attention(q, k, v, mask=mask)))
 
 
 def test_attention_falls_back_to_xla_where_cudnn_does_not_compile(on_gpu, caplog):

@@ -154,7 +154,8 @@ def _padded_key_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
                mask: Optional[jax.Array] = None) -> jax.Array:
-    if implementation == "cudnn" and k.shape[1] != q.shape[1] and k.shape[1] % CUDNN_KEY_MULTIPLE:
+    if (implementation == "cudnn" and mask is None and k.shape[1] != q.shape[1]
+            and k.shape[1] % CUDNN_KEY_MULTIPLE):
         return _padded_key_attention(q, k, v, implementation)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
