@@ -17,7 +17,8 @@ _IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # th
 def cpu_process_env(devices: Optional[int] = None, drop: Iterable[str] = ()) -> Dict[str, str]:
     """The environment of a test's child process: JAX on the CPU (with ``devices`` host devices,
     other XLA flags kept), this dpt_jax importable, the variables ``drop`` removed."""
-    env = {k: v for k, v in os.environ.items() if k not in set(drop)}
+    drop = set(drop)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_IMPORT_ROOT, os.environ.get("PYTHONPATH")]))
     if devices:
