@@ -18,9 +18,12 @@ traced with XLA attention, since cuDNN's fused kernel counts 0 flops; a sampling
 the steps), xla_tflop (the same analysis of the compiled program, for comparison), mfu = tflop /
 median_s / the chip's dense bf16 peak (null where unknown, e.g. on a CPU), recompiles (XLA
 compiles during the timed runs: 0) and cache_size (executables of the jitted function: 1).
+With ``--profile DIR`` each measurement is followed by a "profile" line (``dpt_jax.profiling``:
+where the device time of one more run goes) and its trace and HLO in DIR.
 
     python -m dpt_jax.bench --what tune,probe,sample            # SD-2.1-base shapes (accelerator)
     python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, ~1 min
+    python -m dpt_jax.bench --what tune --batch 4 --profile /tmp/profile
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpt_jax import default_config, testing
+from dpt_jax import default_config, profiling, testing
 from dpt_jax.models import layers
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -214,6 +218,22 @@ def report(base: Dict[str, Any], what: str, batch: int, unit: str, median: float
     return line
 
 
+def profile(run: Callable[[], Any], compiled: Any, args: argparse.Namespace, line: Dict[str, Any]) -> None:
+    """With ``--profile DIR``: where the device time of one more run goes (a JSON line with
+    ``what`` "profile"), its trace and HLO under DIR. A failure here (e.g. no CUPTI) is a
+    warning: the measurement's own line is already out."""
+    if not args.profile:
+        return
+    measurement = "_".join([line["what"], f"b{line['batch']}"] + ([f"eta{line['eta']}"] if "eta" in line else []))
+    try:
+        summary = profiling.profile_program(run, compiled.as_text(), args.profile, measurement)
+    except Exception as error:  # noqa: BLE001 - the profile is optional, the timing is not
+        print(f"warning: no profile of {measurement}: {type(error).__name__}: {error}", file=sys.stderr)
+        return
+    base = {k: line[k] for k in ("impl", "device", "shapes", "dtype", "jax", "batch")}
+    print(json.dumps(dict(base, what="profile", measurement=measurement, **summary)), flush=True)
+
+
 def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, args: argparse.Namespace,
                  base: Dict[str, Any]) -> Dict[str, Any]:
     """One jitted train step of ``stage`` (state donated, as in the trainer), timed."""
@@ -233,8 +253,10 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
         state, metrics = step(state, frozen, data)
         return state, metrics
     median, best, recompiles = time_runs(run, args.iters, args.warmup)
-    return report(base, f"{stage}_step", batch, "samples_per_s", median, best, compile_s, flops,
+    line = report(base, f"{stage}_step", batch, "samples_per_s", median, best, compile_s, flops,
                   chip_peak(sd.unet.dtype), recompiles, cache_size(step), xla_tflop=_tflop(flops_of(compiled)))
+    profile(run, compiled, args, line)
+    return line
 
 
 def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, args: argparse.Namespace,
@@ -254,8 +276,10 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
     # The compiled loop's body is counted once too: scale by the steps when the loop remains.
     xla_flops = flops_of(compiled) * (args.steps if " while(" in compiled.as_text() else 1)
     median, best, recompiles = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
-    return report(base, "sample", batch, "images_per_s", median, best, compile_s, flops, chip_peak(sd.unet.dtype),
+    line = report(base, "sample", batch, "images_per_s", median, best, compile_s, flops, chip_peak(sd.unet.dtype),
                   recompiles, cache_size(sample), eta=eta, steps=args.steps, xla_tflop=_tflop(xla_flops))
+    profile(lambda: sample(*call_args), compiled, args, line)
+    return line
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -269,6 +293,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and frozen dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
+    parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
+                        "device time goes (a 'profile' JSON line), the trace and HLO written to DIR")
     args = parser.parse_args(argv)
     # --tiny checks that everything runs: fewer steps and runs (each tiny step is slow at -O0).
     args.steps = args.steps or (10 if args.tiny else 50)

@@ -5,7 +5,10 @@
 #   .bench/  a copy of shared/bench/ (torch_dpt_reference.py)
 #   .whl/    wheels of what the machine lacks: diffusers (the anchor), ml_collections (dpt-jax)
 # Results under $OUT: bench.jsonl (the JSON lines of both implementations, from their stdout),
-# bench.log (their stderr: warnings, errors; its tail is printed when a command fails).
+# bench.log (their stderr: warnings, errors; its tail is printed when a command fails) and, unless
+# PROFILE=0, profile.tar.* (split in 15 MiB parts): per dpt-jax measurement its profiler trace and
+# optimised HLO; bench.jsonl has its summary (a "profile" line: where the device time goes).
+# Put the parts together with `cat profile.tar.* | tar x`; `python -m dpt_jax.profiling` reads them.
 #
 # The measurements (the arguments, or PLAN when none are given) are what:batch:anchor items, each
 # run by the anchor (torch eager or torch.compile) and then by dpt-jax, so that every finished pair
@@ -27,6 +30,7 @@ ITERS=${ITERS:-3}
 BUDGET_S=${BUDGET_S:-540}
 TORCH_S=${TORCH_S:-150}
 EXTRA_ARGS=${EXTRA_ARGS:-}   # given to both, e.g. --tiny (a smoke test of this script on a CPU)
+PROFILE=${PROFILE:-1}        # 0: no profile of the dpt-jax measurements
 OUT=${OUT:-/tmp/bench_out}
 SITE=${SITE:-/tmp/site}       # where the carried wheels are unpacked
 start=$SECONDS
@@ -67,6 +71,8 @@ measure() {
 left() { echo $((BUDGET_S - (SECONDS - start) - 5)); }
 
 read -r -a extra <<< "$EXTRA_ARGS"
+profile=()
+[ "$PROFILE" = 1 ] && profile=(--profile "$OUT/profile")
 status=0
 for item in $PLAN; do
     IFS=: read -r what batch anchor <<< "$item"
@@ -76,8 +82,13 @@ for item in $PLAN; do
     measure "$limit" python3 .bench/torch_dpt_reference.py --what "$what" --batch "$batch" --iters "$ITERS" \
         --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
     measure "$(left)" python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
-        ${extra[@]+"${extra[@]}"} || status=1
+        ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
 done
+# The device tool brings back at most 8 files of 16 MiB: one archive in parts, not a file per trace.
+if [ -d "$OUT/profile" ]; then
+    tar -C "$OUT" -cf - profile | split -b 15m - "$OUT/profile.tar." && rm -r "$OUT/profile"
+    ls -l "$OUT"/profile.tar.*
+fi
 # dpt-jax falls back to XLA's attention where cuDNN's kernel does not compile: say where.
 grep -h "cuDNN attention does not compile" "$OUT/bench.log" | sort | uniq -c
 echo "== done in $((SECONDS - start))s"

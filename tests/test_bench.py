@@ -10,14 +10,16 @@ from dpt_jax.testing import cpu_process_env
 ANCHOR_KEYS = {"impl", "device", "batch", "shapes", "what", "median_s", "min_s"}
 
 
-def test_bench_tiny_lines():
+def test_bench_tiny_lines(tmp_path):
     # A fresh process: --tiny's XLA flags act only before jax starts; the CLI shares the
     # persistent compilation cache with the other tests.
     env = cpu_process_env()
-    run = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "bench", "--tiny", "--batch", "2"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "bench", "--tiny", "--batch", "2",
+                          "--profile", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    every_line = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    lines = [x for x in every_line if x["what"] != "profile"]
+    check_profiles([x for x in every_line if x["what"] == "profile"], tmp_path)
     assert [(x["what"], x.get("eta")) for x in lines] == [
         ("tune_step", None), ("probe_step", None), ("sample", 0.0), ("sample", 0.5)]
     for x in lines:
@@ -31,6 +33,27 @@ def test_bench_tiny_lines():
         # Compiled once, before timing: no recompilation across the timed iterations.
         assert x["recompiles"] == 0 and x["cache_size"] == 1, x
     assert lines[3]["tflop"] > lines[2]["tflop"]  # self-correction adds a gradient per step
+
+
+def check_profiles(profiles, directory):
+    """Each measurement's profile: its device time joined to the HLO, and the passes the method
+    needs, no more: stage 1 and plain sampling run no U-Net backward, stage 2 and the self-correction do."""
+    from dpt_jax import profiling
+    assert [x["measurement"] for x in profiles] == ["tune_step_b2", "probe_step_b2", "sample_b2_eta0.0",
+                                                     "sample_b2_eta0.5"]
+    unet_backward = {}
+    for x in profiles:
+        assert x["device_ms"] > 0 and x["kernels"] > 0 and x["wall_ms"] > 0, x
+        assert x["joined"] >= 0.99, x  # a CPU trace names every thunk's HLO op
+        assert abs(sum(x["by_category_ms"].values()) - x["device_ms"]) <= 0.01 * x["device_ms"]
+        assert x["by_category_ms"]["conv"] > 0  # the U-Net's convolutions
+        # The files reproduce the line (the same events and HLO, read back from disk); every scope.
+        again = profiling.main([str(directory / f"{x['measurement']}.xplane.pb.gz"),
+                                str(directory / f"{x['measurement']}.hlo.txt.gz"), "--top", "100000"])
+        assert again["device_ms"] == x["device_ms"] and again["kernels"] == x["kernels"]
+        unet_backward[x["measurement"]] = any(s.startswith("bwd UNet2DConditionModel/") for s in again["by_scope_ms"])
+    assert unet_backward == {"tune_step_b2": True, "probe_step_b2": False, "sample_b2_eta0.0": False,
+                             "sample_b2_eta0.5": True}
 
 
 def test_model_flops_count_attention_as_its_matmuls():

@@ -1,0 +1,235 @@
+"""Where a compiled program's device time goes: a profiler trace of its runs, each kernel's time
+joined to the HLO instruction that launched it, that instruction's kind (matmul, conv, attention,
+elementwise...) and the model code that made it (the Flax module path of its ``op_name``).
+
+``dpt-jax bench --profile DIR`` writes one such summary per measurement, with the trace and the
+optimised HLO (gzipped) for a closer look later, on any machine:
+
+    python -m dpt_jax.profiling DIR/tune_step_b4.xplane.pb.gz DIR/tune_step_b4.hlo.txt.gz
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import jax
+
+# Instructions whose time is that of the instructions they run (a CPU trace nests them).
+CONTROL_OPCODES = {"while", "conditional", "call"}
+# Ops that only move or re-lay data (a fusion of only these is a copy).
+DATA_MOVEMENT = {"fusion", "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy", "transpose",
+                 "reshape", "broadcast", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "pad"}
+# Components of an op_name that say how it was traced, not which module made it.
+TRACE_COMPONENTS = re.compile(r"^(jit|pjit|shard_map|xla_call)\(|^(while|body|cond|closed_call|checkpoint|remat)$")
+# Kinds by library name: a custom call's target (__cudnn$fmhaSoftmax, __cublas$gemm), or the name
+# of a kernel the trace does not tie to an HLO op (e.g. one launched inside a CUDA graph).
+LIBRARY_CATEGORIES = (("attention", re.compile(r"fmha|flash|sdpa|attention", re.I)),
+                          ("conv", re.compile(r"conv|fprop|dgrad|wgrad", re.I)),
+                          ("matmul", re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul", re.I)))
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+    category: str   # matmul, conv, attention, reduce, elementwise, copy, collective, control, other
+    op_name: str    # the traced jax op it came from ("" when XLA made it)
+
+
+def _category(opcode: str, line: str, called_opcodes: Iterable[str]) -> str:
+    if opcode in CONTROL_OPCODES:
+        return "control"
+    if opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        return _library_category(target.group(1) if target else "")
+    inner = set(called_opcodes) | {opcode}
+    for kind, opcodes in (("conv", {"convolution"}), ("matmul", {"dot"}), ("reduce", {"reduce", "reduce-window"}),
+                          ("collective", {"all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                                          "collective-permute"})):
+        if inner & opcodes:
+            return kind
+    if inner <= DATA_MOVEMENT:
+        return "copy"
+    if opcode == "fusion" or inner & {"add", "multiply", "exponential", "convert", "select", "divide"}:
+        return "elementwise"
+    return "other"
+
+
+def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
+    """Every instruction of an optimised HLO module (``compiled.as_text()``) by name, also under
+    the name XLA gives its kernel ('.' and '-' as '_'). A fusion without an ``op_name`` of its own
+    takes that of an instruction inside it (its root's where it has one)."""
+    opcodes: Dict[str, List[str]] = collections.defaultdict(list)  # computation -> its opcodes
+    inner_op_name: Dict[str, str] = {}  # computation -> an op_name inside it
+    instructions: List[Tuple[str, str, str]] = []  # name, opcode, line
+    current = ""
+    for line in hlo_text.splitlines():
+        if not line.startswith(" "):
+            match = _COMPUTATION.match(line)
+            current = match.group(1) if match else current
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        opcodes[current].append(match.group(2))
+        instructions.append((match.group(1), match.group(2), line))
+        op_name = _op_name(line)
+        if op_name and (current not in inner_op_name or line.lstrip().startswith("ROOT")):
+            inner_op_name[current] = op_name
+    ops = {}
+    for name, opcode, line in instructions:
+        called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
+        op_name = _op_name(line) or next((inner_op_name[c] for c in called if c in inner_op_name), "")
+        op = HloOp(_category(opcode, line, [op for c in called for op in opcodes.get(c, ())]), op_name)
+        ops[name] = op
+        ops.setdefault(re.sub(r"[.\-]", "_", name), op)
+    return ops
+
+
+def _op_name(line: str) -> str:
+    match = re.search(r'op_name="([^"]*)"', line)
+    return match.group(1) if match else ""
+
+
+def module_scope(op_name: str, depth: int = 3) -> str:
+    """The module path of a traced op, ``depth`` components deep, marked ``bwd`` when it is part
+    of a gradient: 'bwd UNet2DConditionModel/up_blocks_1/attentions_0'."""
+    parts = [p for p in op_name.split("/")[:-1] if p and not TRACE_COMPONENTS.search(p)]
+    parts = [re.sub(r"^(?:\w+\()+|\)+$", "", p) or p for p in parts]  # transpose(jvp(Unet)) -> Unet
+    scope = "/".join(parts[:depth]) or "(no module)"
+    return ("bwd " if "transpose(" in op_name else "fwd ") + scope
+
+
+def _stats(event: Any) -> Dict[str, Any]:
+    return {key: value for key, value in event.stats}
+
+
+def device_events(profile: Any) -> Iterable[Tuple[str, float]]:
+    """(HLO instruction or kernel name, seconds) of every op the device ran.
+
+    GPU: the kernels on the device plane's stream lines; TPU: its 'XLA Ops' line; CPU (no device
+    plane): the host's XLA thunks (events with an ``hlo_op`` stat)."""
+    devices = [p for p in profile.planes if p.name.startswith("/device:")]
+    for plane in devices:
+        lines = list(plane.lines)
+        xla_ops = [line for line in lines if line.name == "XLA Ops"]
+        for line in xla_ops or [line for line in lines if line.name.startswith("Stream")]:
+            for event in line.events:
+                yield _stats(event).get("hlo_op", event.name), event.duration_ns * 1e-9
+    if devices:
+        return
+    for plane in profile.planes:
+        if plane.name.startswith("/host:"):
+            for line in plane.lines:
+                for event in line.events:
+                    hlo_op = _stats(event).get("hlo_op")
+                    if hlo_op:
+                        yield hlo_op, event.duration_ns * 1e-9
+
+
+def summarize(events: Iterable[Tuple[str, float]], ops: Dict[str, HloOp], runs: int = 1, top: int = 25,
+              scope_depth: int = 3) -> Dict[str, Any]:
+    """Milliseconds per run by op category, by module scope, and of the ``top`` ops. ``joined`` is
+    the share of the time whose op was found in the HLO; the rest is categorised by kernel name."""
+    per_op: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for name, seconds in events:
+        per_op[name][0] += seconds
+        per_op[name][1] += 1
+    found = {name: ops[name] for name in per_op if name in ops}
+    op_of = {name: found.get(name) or HloOp(_library_category(name), "") for name in per_op}
+    per_op = {name: v for name, v in per_op.items() if op_of[name].category != "control"}
+    total = sum(seconds for seconds, _ in per_op.values())
+    by_category: Dict[str, float] = collections.Counter()
+    by_scope: Dict[str, float] = collections.Counter()
+    for name, (seconds, _) in per_op.items():
+        by_category[op_of[name].category] += seconds
+        by_scope[module_scope(op_of[name].op_name, scope_depth) if name in found else "(not in the HLO)"] += seconds
+
+    def ms(seconds: float) -> float:
+        return round(seconds / runs * 1e3, 3)
+
+    def ranked(counts: Dict[str, float], limit: Optional[int] = None) -> Dict[str, float]:
+        return {k: ms(v) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]}
+    return dict(
+        device_ms=ms(total), kernels=sum(n for _, n in per_op.values()) // runs,
+        joined=round(sum(per_op[n][0] for n in per_op if n in found) / total, 4) if total else 0.0,
+        by_category_ms=ranked(by_category), by_scope_ms=ranked(by_scope, top),
+        top_ops=[dict(op=name, ms=ms(seconds), calls=n // runs, category=op_of[name].category,
+                      op_name=op_of[name].op_name[-160:])
+                 for name, (seconds, n) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]])
+
+
+def _library_category(name: str) -> str:
+    return next((category for category, pattern in LIBRARY_CATEGORIES if pattern.search(name)), "other")
+
+
+def load_trace(path: str) -> Any:
+    """A jax profiler trace (``*.xplane.pb``, or gzipped)."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        return jax.profiler.ProfileData.from_serialized_xspace(f.read())
+
+
+def capture(run: Callable[[], Any], runs: int = 1) -> Tuple[bytes, float]:
+    """The serialised trace of ``runs`` calls of ``run`` (each waited for) and their wall seconds."""
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    options.enable_hlo_proto = False  # the HLO is saved as text beside the trace
+    directory = tempfile.mkdtemp(prefix="dpt_jax_trace_")
+    try:
+        with jax.profiler.trace(directory, profiler_options=options):
+            t0 = time.perf_counter()
+            for _ in range(runs):
+                jax.block_until_ready(run())
+            wall = time.perf_counter() - t0
+        (path,) = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+        with open(path, "rb") as f:
+            return f.read(), wall
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def profile_program(run: Callable[[], Any], hlo_text: str, directory: str, name: str,
+                    runs: int = 1) -> Dict[str, Any]:
+    """Trace ``runs`` calls of ``run``; write DIR/NAME.xplane.pb.gz and DIR/NAME.hlo.txt.gz and
+    return the summary (plus ``wall_ms`` per run and ``busy``, the device's share of it)."""
+    trace, wall = capture(run, runs)
+    os.makedirs(directory, exist_ok=True)
+    for suffix, data in ((".xplane.pb.gz", trace), (".hlo.txt.gz", hlo_text.encode())):
+        with gzip.open(os.path.join(directory, name + suffix), "wb", compresslevel=6) as f:
+            f.write(data)
+    events = device_events(jax.profiler.ProfileData.from_serialized_xspace(trace))
+    summary = summarize(events, hlo_ops(hlo_text), runs)
+    wall_ms = wall / runs * 1e3
+    return dict(wall_ms=round(wall_ms, 3), busy=round(summary["device_ms"] / wall_ms, 4), **summary)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m dpt_jax.profiling", description=__doc__.split("\n\n")[0])
+    parser.add_argument("trace", help="a *.xplane.pb(.gz) written by jax.profiler or dpt-jax bench --profile")
+    parser.add_argument("hlo", help="the program's optimised HLO text (*.hlo.txt(.gz))")
+    parser.add_argument("--runs", type=int, default=1, help="runs the trace holds (times are per run)")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--depth", type=int, default=3, help="module path components per scope")
+    args = parser.parse_args(argv)
+    for path in (args.trace, args.hlo):
+        if not os.path.isfile(path):
+            parser.error(f"no such file: {path}")
+    with (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "rt") as f:
+        ops = hlo_ops(f.read())
+    summary = summarize(device_events(load_trace(args.trace)), ops, args.runs, args.top, args.depth)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

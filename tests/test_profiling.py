@@ -1,0 +1,121 @@
+"""Profile summaries on a GPU-like module and trace (the CPU path runs for real in test_bench.py)."""
+from types import SimpleNamespace
+
+import pytest
+
+from dpt_jax import profiling
+
+UNET = "jit(train_step)/while/body/closed_call/{}(UNet2DConditionModel)/down_blocks_0/attentions_0/transformer_blocks_0"
+# The shapes of XLA GPU's optimised HLO: a loop fusion, a cuDNN attention call, a cuBLAS call, a
+# Triton GEMM fusion (its dot inside), a layout-only fusion, a reduction and a loop.
+HLO = f"""HloModule jit_train_step, is_scheduled=true
+
+%fused_multiply (param_0: bf16[8,64]) -> bf16[8,64] {{
+  %param_0 = bf16[8,64]{{1,0}} parameter(0)
+  ROOT %multiply.1 = bf16[8,64]{{1,0}} multiply(%param_0, %param_0), metadata={{op_name="{UNET.format('jvp')}/norm1/mul"}}
+}}
+
+%triton_gemm (p0: bf16[64,64], p1: bf16[64,64]) -> bf16[64,64] {{
+  %p0 = bf16[64,64]{{1,0}} parameter(0)
+  %p1 = bf16[64,64]{{1,0}} parameter(1)
+  ROOT %dot.5 = bf16[64,64]{{1,0}} dot(%p0, %p1), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}, metadata={{op_name="{UNET.format('jvp')}/ff/net_2/dot_general"}}
+}}
+
+%fused_transpose (param_0.2: bf16[8,64]) -> bf16[64,8] {{
+  %param_0.2 = bf16[8,64]{{1,0}} parameter(0)
+  ROOT %transpose.7 = bf16[64,8]{{0,1}} transpose(%param_0.2), dimensions={{1,0}}
+}}
+
+%region_add (a: f32[], b: f32[]) -> f32[] {{
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.9 = f32[] add(%a, %b)
+}}
+
+ENTRY %main.10 (Arg_0.1: bf16[8,64], Arg_1.2: bf16[64,64]) -> bf16[64,8] {{
+  %Arg_0.1 = bf16[8,64]{{1,0}} parameter(0)
+  %Arg_1.2 = bf16[64,64]{{1,0}} parameter(1)
+  %loop_multiply_fusion = bf16[8,64]{{1,0}} fusion(%Arg_0.1), kind=kLoop, calls=%fused_multiply
+  %custom-call.3 = (bf16[4,4096,5,64]{{3,2,1,0}}, u8[0]{{0}}) custom-call(%Arg_0.1, %Arg_0.1, %Arg_0.1), custom_call_target="__cudnn$fmhaSoftmaxBackward", metadata={{op_name="{UNET.format('transpose(jvp')})/attn1/dot_product_attention"}}
+  %cublas-gemm.1 = (bf16[64,64]{{1,0}}, s8[1024]{{0}}) custom-call(%Arg_1.2, %Arg_1.2), custom_call_target="__cublas$gemm", metadata={{op_name="{UNET.format('jvp')}/attn1/to_q/dot_general"}}
+  %gemm_fusion_dot.5 = bf16[64,64]{{1,0}} fusion(%Arg_1.2, %Arg_1.2), kind=kCustom, calls=%triton_gemm, backend_config={{"fusion_backend_config":{{"kind":"__triton_gemm"}}}}
+  %reduce.4 = f32[8]{{0}} reduce(%Arg_0.1, %Arg_0.1), dimensions={{1}}, to_apply=%region_add
+  ROOT %transpose_fusion = bf16[64,8]{{0,1}} fusion(%loop_multiply_fusion), kind=kInput, calls=%fused_transpose
+}}
+"""
+
+
+def test_hlo_ops_categories_and_op_names():
+    ops = profiling.hlo_ops(HLO)
+    assert {name: ops[name].category for name in ("loop_multiply_fusion", "custom-call.3", "cublas-gemm.1",
+                                                  "gemm_fusion_dot.5", "reduce.4", "transpose_fusion")} == {
+        "loop_multiply_fusion": "elementwise", "custom-call.3": "attention", "cublas-gemm.1": "matmul",
+        "gemm_fusion_dot.5": "matmul", "reduce.4": "reduce", "transpose_fusion": "copy"}
+    # A fusion without metadata of its own takes its root's; the kernel's name ('-' and '.' as '_')
+    # finds the same op.
+    assert ops["gemm_fusion_dot.5"].op_name.endswith("/ff/net_2/dot_general")
+    assert ops["custom_call_3"] == ops["custom-call.3"]
+    assert ops["transpose_fusion"].op_name == ""
+
+
+@pytest.mark.parametrize("op_name, scope", [
+    (UNET.format("transpose(jvp") + ")/attn1/dot_product_attention",
+     "bwd UNet2DConditionModel/down_blocks_0/attentions_0"),
+    (UNET.format("jvp") + "/norm1/mul", "fwd UNet2DConditionModel/down_blocks_0/attentions_0"),
+    ("jit(denoise)/while/body/closed_call/UNet2DConditionModel/conv_in/conv_general_dilated",
+     "fwd UNet2DConditionModel/conv_in"),
+    ("", "fwd (no module)"),
+])
+def test_module_scope(op_name, scope):
+    assert profiling.module_scope(op_name) == scope
+
+
+def _event(name, ms, **stats):
+    return SimpleNamespace(name=name, duration_ns=ms * 1e6, stats=list(stats.items()))
+
+
+def _profile(*planes):
+    return SimpleNamespace(planes=[SimpleNamespace(name=name, lines=[SimpleNamespace(name=n, events=e)
+                                                                     for n, e in lines]) for name, lines in planes])
+
+
+def test_device_events_read_the_device_not_the_host():
+    gpu = _profile(("/host:CPU", [("python", [_event("PjitFunction(step)", 50.0, hlo_op="x")])]),
+                   ("/device:GPU:0", [("Stream #13(Kernel,MemcpyD2D)", [_event("loop_multiply_fusion", 1.0,
+                                                                                hlo_op="loop_multiply_fusion"),
+                                                                         _event("nvjet_tst_128x256_h_bz", 2.0)]),
+                                      ("CUPTI overhead", [_event("overhead", 9.0)])]))
+    assert list(profiling.device_events(gpu)) == [("loop_multiply_fusion", 1e-3), ("nvjet_tst_128x256_h_bz", 2e-3)]
+    tpu = _profile(("/device:TPU:0", [("XLA Modules", [_event("jit_step", 5.0)]),
+                                      ("XLA Ops", [_event("fusion.1", 3.0, hlo_op="fusion.1")])]))
+    assert list(profiling.device_events(tpu)) == [("fusion.1", 3e-3)]
+
+
+def test_summarize_per_run_by_category_scope_and_kernel_name():
+    ops = profiling.hlo_ops(HLO)
+    one_run = [("loop_multiply_fusion", 1e-3), ("custom-call.3", 4e-3), ("cublas-gemm.1", 2e-3),
+               ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 3e-3),  # a kernel the trace does not tie to an op
+               ("cudnn_generated_fort_native_sdpa_sm90_knob_7", 0.5e-3)]
+    summary = profiling.summarize(one_run * 2, ops, runs=2)
+    assert summary["device_ms"] == pytest.approx(10.5) and summary["kernels"] == 5
+    assert summary["joined"] == pytest.approx(7.0 / 10.5, abs=1e-4)
+    assert summary["by_category_ms"] == pytest.approx({"attention": 4.5, "matmul": 5.0, "elementwise": 1.0})
+    assert summary["by_scope_ms"] == pytest.approx({
+        "fwd UNet2DConditionModel/down_blocks_0/attentions_0": 3.0,
+        "bwd UNet2DConditionModel/down_blocks_0/attentions_0": 4.0, "(not in the HLO)": 3.5})
+    assert [(x["op"], x["ms"], x["calls"]) for x in summary["top_ops"][:2]] == [
+        ("custom-call.3", 4.0, 1), ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 3.0, 1)]
+
+
+def test_control_flow_is_not_counted_twice():
+    # A CPU trace has the loop's event around its body's: only the body counts.
+    hlo = HLO.replace("  %reduce.4", "  %while.2 = f32[8]{0} while(%Arg_0.1), condition=%region_add, "
+                                     "body=%region_add\n  %reduce.4")
+    summary = profiling.summarize([("while.2", 5e-3), ("reduce.4", 1e-3)], profiling.hlo_ops(hlo))
+    assert summary["device_ms"] == pytest.approx(1.0) and summary["by_category_ms"] == {"reduce": 1.0}
+
+
+def test_cli_names_a_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        profiling.main([str(tmp_path / "none.xplane.pb"), str(tmp_path / "none.hlo.txt")])
+    assert "no such file" in capsys.readouterr().err
