@@ -173,10 +173,15 @@ def _library_category(name: str) -> str:
     return next((category for category, pattern in LIBRARY_CATEGORIES if pattern.search(name)), "other")
 
 
+def _read(path: str, mode: str) -> Any:
+    """A file's contents, gunzipped when its name ends in .gz (mode "rb" or "rt")."""
+    with (gzip.open if path.endswith(".gz") else open)(path, mode) as f:
+        return f.read()
+
+
 def load_trace(path: str) -> Any:
     """A jax profiler trace (``*.xplane.pb``, or gzipped)."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        return jax.profiler.ProfileData.from_serialized_xspace(f.read())
+    return jax.profiler.ProfileData.from_serialized_xspace(_read(path, "rb"))
 
 
 def capture(run: Callable[[], Any], runs: int = 1) -> Tuple[bytes, float]:
@@ -224,8 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for path in (args.trace, args.hlo):
         if not os.path.isfile(path):
             parser.error(f"no such file: {path}")
-    with (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "rt") as f:
-        ops = hlo_ops(f.read())
+    ops = hlo_ops(_read(args.hlo, "rt"))
     summary = summarize(device_events(load_trace(args.trace)), ops, args.runs, args.top, args.depth)
     print(json.dumps(summary, indent=1))
     return summary
