@@ -6,24 +6,31 @@ The measurements of ``shared/bench/torch_dpt_reference.py`` (same names, same JS
            (denoising MSE) and five passes stopped at the tap (the other ITM candidates and the
            REC expression) are here one U-Net call whose positive rows go on past the tap;
   probe  - one stage-1 step: six passes stopped at the tap, the U-Net frozen, only the adapter trains;
-  sample - 50-step DDIM with CFG 7.5, without and with self-correction (eta 0.5).
+  sample - 50-step DDIM with CFG 7.5, without and with self-correction (eta 0.5);
+  attention (only when asked for) - the attention kernel alone at the U-Net's shapes: cuDNN's under
+           each schedule of ``dpt_jax.models.layers``, XLA's, and JAX's Pallas kernel for Hopper.
 
 Weights are random (speed does not depend on them): the U-Net is SD-2.1-base stored bfloat16,
 latents and text states [B, 77, 1024] are fed directly (no VAE, no text tower), compute is
 bfloat16, trainable parameters (LoRA, adapter, AdamW moments) float32; the train step is the
 trainer's ``train_step`` jitted with the state donated. One JSON line per measurement with the
 anchor's keys (impl, device, batch, shapes, what, median_s, min_s, samples_per_s or images_per_s)
-plus compile_s, tflop (the model's flops: XLA's ``cost_analysis()`` of the unoptimised program
-traced with XLA attention, since cuDNN's fused kernel counts 0 flops; a sampling loop's body times
-the steps), xla_tflop (the same analysis of the compiled program, for comparison), mfu = tflop /
-median_s / the chip's dense bf16 peak (null where unknown, e.g. on a CPU), recompiles (XLA
-compiles during the timed runs: 0) and cache_size (executables of the jitted function: 1).
+plus compile_s, tflop (the model's flops: its matmuls and convolutions, counted on its jaxpr
+traced with XLA attention, since cuDNN's fused kernel is one opaque call; a sampling loop's body
+times the steps), xla_tflop (XLA's ``cost_analysis()`` of the compiled program, for comparison:
+on a GPU it counts no flops in cuBLAS and cuDNN calls), mfu = tflop / median_s / the chip's dense
+bf16 peak (null where unknown, e.g. on a CPU), steady_s and steady_mfu (the runs dispatched back
+to back and waited for once, as the trainer runs its steps: the host's dispatch then overlaps
+the device's work), recompiles (XLA compiles during the timed runs: 0) and cache_size
+(executables of the jitted function: 1).
 With ``--profile DIR`` each measurement is followed by a "profile" line (``dpt_jax.profiling``:
 where the device time of one more run goes) and its trace and HLO in DIR.
 
     python -m dpt_jax.bench --what tune,probe,sample            # SD-2.1-base shapes (accelerator)
     python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, ~1 min
     python -m dpt_jax.bench --what tune --batch 4 --profile /tmp/profile
+    python -m dpt_jax.bench --what attention --batch 16                # the kernel alone
+    python -m dpt_jax.bench --what tune --attention-schedule heads_as_batch
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -60,6 +68,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 # Batch sizes per measurement when --batch is not given (the issue's table).
 DEFAULT_BATCHES = {"tune": (4,), "probe": (4, 8), "sample": (8,)}
 WHATS = tuple(DEFAULT_BATCHES)
+# The attention kernel alone at the U-Net's shapes (not in the default --what): batch 16 is
+# sampling's CFG batch of 8 images, 24 the tune step's one U-Net call at batch 4 (6 rows a sample).
+ATTENTION_BATCHES = (16, 24)
+# Timed runs of one attention call (about a millisecond: many, back to back).
+ATTENTION_ITERS = 20
 # --tiny is a smoke run on a CPU, where compiling dominates: LLVM at -O0 compiles 2-3x faster.
 TINY_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # SD-2.1's OpenCLIP-H text tower: only its width is read (the adapter's text side).
@@ -165,17 +178,60 @@ def flops_of(stage: Any) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+def _dot_flops(eqn: Any) -> float:
+    (contracting, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+
+
+def _conv_flops(eqn: Any) -> float:
+    # Each output element is a dot over the kernel's input features (per group) and window, counted
+    # densely (a gradient's dilated convolution included), as XLA's cost analysis counts it.
+    kernel = eqn.invars[1].aval.shape
+    spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *window)
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel[d] for d in spec[1:])
+
+
+def jaxpr_flops(jaxpr: Any, while_steps: int = 1) -> float:
+    """Matmul and convolution flops of a jaxpr, its sub-jaxprs included: a scan's body times its
+    length, a while loop's times ``while_steps``, a cond's costliest branch."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        inner = [jaxpr_flops(getattr(sub, "jaxpr", sub), while_steps)
+                 for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+        if name == "cond":
+            total += max(inner, default=0.0)
+        else:
+            times = eqn.params["length"] if name == "scan" else while_steps if name == "while" else 1
+            total += times * sum(inner)
+    return total
+
+
 def model_flops(fn: Callable, args: Sequence[Any], loop_steps: int = 1) -> float:
-    """Flops of ``fn`` as written: XLA's cost analysis of the unoptimised program, traced with
-    XLA attention (cuDNN's fused kernel counts 0 flops there). A ``lax.scan`` body is counted
-    once by the analysis, so a remaining loop is scaled by ``loop_steps``."""
+    """The model flops of ``fn`` (the MFU numerator): its matmuls and convolutions as written, from
+    its jaxpr, the same on every backend. Traced with XLA attention, so that attention counts as
+    its two matmuls rather than one opaque cuDNN call. A while loop counts ``loop_steps`` times."""
     with layers.attention_implementation("xla"):
-        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)  # a fresh trace, not the jitted cache
-    return flops_of(lowered) * (loop_steps if "stablehlo.while" in lowered.as_text() else 1)
+        jaxpr = jax.make_jaxpr(fn)(*args)
+    return jaxpr_flops(jaxpr.jaxpr, loop_steps)
 
 
-def time_runs(run: Callable[[], Any], iters: int, warmup: int) -> Tuple[float, float, int]:
-    """Median and best seconds of ``iters`` runs after ``warmup``, and compiles while timing."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_s: float   # each run waited for (the anchor's way)
+    min_s: float
+    steady_s: float   # per run of ``iters`` runs dispatched back to back, then waited for (the trainer's way)
+    recompiles: int   # XLA compiles while timing (0)
+
+
+def time_runs(run: Callable[[], Any], iters: int, warmup: int) -> Timing:
+    """``iters`` runs after ``warmup``, timed one by one and then back to back: the host's time to
+    dispatch a run shows in the first and overlaps the device's previous run in the second."""
     for _ in range(warmup):
         jax.block_until_ready(run())
     times = []
@@ -184,7 +240,12 @@ def time_runs(run: Callable[[], Any], iters: int, warmup: int) -> Tuple[float, f
             t0 = time.perf_counter()
             jax.block_until_ready(run())
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), compiles.count
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = run()  # the last run's result: a train step donates the earlier ones'
+        jax.block_until_ready(out)
+        steady = (time.perf_counter() - t0) / iters
+    return Timing(statistics.median(times), min(times), steady, compiles.count)
 
 
 def chip_peak(dtype: Any) -> Optional[float]:
@@ -208,12 +269,15 @@ def _tflop(flops: float) -> float:
     return float(f"{flops / 1e12:.4g}")
 
 
-def report(base: Dict[str, Any], what: str, batch: int, unit: str, median: float, best: float, compile_s: float,
-           flops: float, peak: Optional[float], recompiles: int, executables: int, **extra: Any) -> Dict[str, Any]:
-    line = dict(base, batch=batch, what=what, **extra, median_s=round(median, 5), min_s=round(best, 5),
-                **{unit: round(batch / median, 3)}, compile_s=round(compile_s, 2),
-                mfu=round(flops / median / peak, 4) if peak and flops else None,
-                tflop=_tflop(flops), recompiles=recompiles, cache_size=executables)
+def report(base: Dict[str, Any], what: str, batch: int, unit: str, timing: Timing, compile_s: float,
+           flops: float, peak: Optional[float], executables: int, **extra: Any) -> Dict[str, Any]:
+    def mfu(seconds: float) -> Optional[float]:
+        return round(flops / seconds / peak, 4) if peak and flops else None
+    line = dict(base, batch=batch, what=what, **extra, median_s=round(timing.median_s, 5),
+                min_s=round(timing.min_s, 5), **{unit: round(batch / timing.median_s, 3)},
+                steady_s=round(timing.steady_s, 5), compile_s=round(compile_s, 2), mfu=mfu(timing.median_s),
+                steady_mfu=mfu(timing.steady_s), tflop=_tflop(flops), recompiles=timing.recompiles,
+                cache_size=executables)
     print(json.dumps(line), flush=True)
     return line
 
@@ -252,9 +316,9 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
         nonlocal state
         state, metrics = step(state, frozen, data)
         return state, metrics
-    median, best, recompiles = time_runs(run, args.iters, args.warmup)
-    line = report(base, f"{stage}_step", batch, "samples_per_s", median, best, compile_s, flops,
-                  chip_peak(sd.unet.dtype), recompiles, cache_size(step), xla_tflop=_tflop(flops_of(compiled)))
+    timing = time_runs(run, args.iters, args.warmup)
+    line = report(base, f"{stage}_step", batch, "samples_per_s", timing, compile_s, flops,
+                  chip_peak(sd.unet.dtype), cache_size(step), xla_tflop=_tflop(flops_of(compiled)))
     profile(run, compiled, args, line)
     return line
 
@@ -275,16 +339,85 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
     compiled, compile_s = compile_program(sample, call_args)
     # The compiled loop's body is counted once too: scale by the steps when the loop remains.
     xla_flops = flops_of(compiled) * (args.steps if " while(" in compiled.as_text() else 1)
-    median, best, recompiles = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
-    line = report(base, "sample", batch, "images_per_s", median, best, compile_s, flops, chip_peak(sd.unet.dtype),
-                  recompiles, cache_size(sample), eta=eta, steps=args.steps, xla_tflop=_tflop(xla_flops))
+    timing = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
+    line = report(base, "sample", batch, "images_per_s", timing, compile_s, flops, chip_peak(sd.unet.dtype),
+                  cache_size(sample), eta=eta, steps=args.steps, xla_tflop=_tflop(xla_flops))
     profile(lambda: sample(*call_args), compiled, args, line)
     return line
 
 
+def unet_attention_shapes(shapes: Shapes, batch: int) -> List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]:
+    """(kind, q shape, k shape) of the U-Net's self- and cross-attentions per resolution."""
+    config = UNetConfig.from_dict(shapes.unet)
+    out = []
+    for level, block in enumerate(config.down_block_types):
+        if "CrossAttn" in block:
+            heads = config.num_attention_heads[level]
+            q_shape = (batch, (shapes.latent // 2 ** level) ** 2, heads, config.block_out_channels[level] // heads)
+            out += [(f"self_{q_shape[1]}", q_shape, q_shape),
+                    (f"cross_{q_shape[1]}", q_shape, (batch, TEXT_LEN) + q_shape[2:])]
+    return out
+
+
+def _model_attention(implementation: str, schedule: str) -> Callable[..., jax.Array]:
+    def forward(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        with layers.attention_schedule(schedule):  # read while tracing
+            return layers.attention(q, k, v, implementation=implementation)
+    return forward
+
+
+def _pallas_mgpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """JAX's Pallas flash attention for Hopper (Mosaic GPU; no softmax scale, no mask: self-attention
+    only). A candidate for where cuDNN is slow; not used by the model."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    config = attention_mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
+                                         block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    return attention_mgpu.attention(q * (q.shape[-1] ** -0.5), k, v, config)
+
+
+def attention_variants(self_attention: bool) -> List[Tuple[str, str, Callable[..., jax.Array]]]:
+    """(implementation, schedule, attention function) measured by ``--what attention``."""
+    variants = [("cudnn", s, _model_attention("cudnn", s)) for s in layers.ATTENTION_SCHEDULES]
+    variants.append(("xla", "direct", _model_attention("xla", "direct")))
+    return variants + ([("pallas_mgpu", "direct", _pallas_mgpu_attention)] if self_attention else [])
+
+
+def measure_attention(shapes: Shapes, batch: int, dtype: Any, args: argparse.Namespace,
+                      base: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Each attention variant, forward and forward+backward, at the U-Net's shapes: one line each
+    with its time, TFLOP/s and largest difference from XLA's attention in float32 (an ``error``
+    where the variant does not run here)."""
+    lines = []
+    for kind, q_shape, k_shape in unet_attention_shapes(shapes, batch):
+        rng = np.random.default_rng(args.seed)
+        q, k, v = normal(rng, q_shape, dtype), normal(rng, k_shape, dtype), normal(rng, k_shape, dtype)
+        reference = np.asarray(jax.jit(_model_attention("xla", "direct"))(
+            *(t.astype(jnp.float32) for t in (q, k, v))))
+        flops = 4.0 * math.prod(q_shape) * k_shape[1]
+        for implementation, schedule, forward in attention_variants(kind.startswith("self")):
+            line = dict(base, what="attention", batch=batch, kind=kind, q=q_shape, k=k_shape,
+                        implementation=implementation, schedule=schedule)
+
+            def loss(q: jax.Array, k: jax.Array, v: jax.Array, forward: Callable = forward) -> jax.Array:
+                return forward(q, k, v).astype(jnp.float32).sum()
+            try:
+                runs = {"fwd": (jax.jit(forward), flops), "fwd_bwd": (jax.jit(jax.grad(loss, (0, 1, 2))), 3.5 * flops)}
+                for name, (fn, fn_flops) in runs.items():
+                    seconds = time_runs(lambda fn=fn: fn(q, k, v), max(args.iters, ATTENTION_ITERS), 1).steady_s
+                    line.update({f"{name}_ms": round(seconds * 1e3, 4), f"{name}_tflops": _tflop(fn_flops / seconds)})
+                out = np.asarray(runs["fwd"][0](q, k, v), np.float32)
+                line["max_abs_err"] = float(f"{np.abs(out - reference).max():.3g}")
+            except Exception as error:  # noqa: BLE001 - e.g. no cuDNN on this backend: said in the line
+                line["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+            print(json.dumps(line), flush=True)
+            lines.append(line)
+    return lines
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dpt-jax bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", default=",".join(WHATS), help=f"comma-separated subset of {','.join(WHATS)}")
+    parser.add_argument("--what", default=",".join(WHATS), help=f"comma-separated subset of {','.join(WHATS)}, "
+                        "or attention: the attention kernel alone at the U-Net's shapes (batch 16 and 24)")
     parser.add_argument("--batch", default="", help="comma-separated batch sizes for every measurement "
                         f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_BATCHES.items())})")
     parser.add_argument("--steps", type=int, help="sampling steps (default 50; --tiny: 10)")
@@ -293,6 +426,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and frozen dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
+    parser.add_argument("--attention-schedule", default="direct", choices=layers.ATTENTION_SCHEDULES,
+                        help="how cuDNN's attention kernel is called in the model (see dpt_jax.models.layers)")
     parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
                         "device time goes (a 'profile' JSON line), the trace and HLO written to DIR")
     args = parser.parse_args(argv)
@@ -300,9 +435,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.steps = args.steps or (10 if args.tiny else 50)
     args.iters = args.iters or (2 if args.tiny else 5)
     args.what = [w for w in args.what.split(",") if w]
-    unknown = sorted(set(args.what) - set(WHATS))
+    unknown = sorted(set(args.what) - set(WHATS) - {"attention"})
     if unknown:
-        parser.error(f"unknown --what {unknown}: expected a subset of {','.join(WHATS)}")
+        parser.error(f"unknown --what {unknown}: expected a subset of {','.join(WHATS)},attention")
     return args
 
 
@@ -313,15 +448,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     shapes = bench_shapes(args.tiny)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     sd = bench_sd(shapes, dtype, args.seed)
-    base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__)
+    base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__,
+                attention_schedule=args.attention_schedule)
     lines = []
-    for what in args.what:
-        batches = [int(b) for b in args.batch.split(",")] if args.batch else DEFAULT_BATCHES[what]
-        for batch in batches:
-            if what == "sample":
-                lines += [measure_sample(sd, shapes, eta, batch, args, base) for eta in (0.0, 0.5)]
-            else:
-                lines.append(measure_step(sd, shapes, what, batch, args, base))
+    # Around the timed calls too: a call that traced again outside would be another program.
+    with layers.attention_schedule(args.attention_schedule):
+        for what in args.what:
+            default = ATTENTION_BATCHES if what == "attention" else DEFAULT_BATCHES[what]
+            for batch in [int(b) for b in args.batch.split(",")] if args.batch else default:
+                if what == "attention":
+                    lines += measure_attention(shapes, batch, dtype, args, base)
+                elif what == "sample":
+                    lines += [measure_sample(sd, shapes, eta, batch, args, base) for eta in (0.0, 0.5)]
+                else:
+                    lines.append(measure_step(sd, shapes, what, batch, args, base))
     return lines
 
 

@@ -33,7 +33,8 @@ DATA_MOVEMENT = {"fusion", "parameter", "constant", "tuple", "get-tuple-element"
 TRACE_COMPONENTS = re.compile(r"^(jit|pjit|shard_map|xla_call)\(|^(while|body|cond|closed_call|checkpoint|remat)$")
 # Kinds by library name: a custom call's target (__cudnn$fmhaSoftmax, __cublas$gemm), or the name
 # of a kernel the trace does not tie to an HLO op (e.g. one launched inside a CUDA graph).
-LIBRARY_CATEGORIES = (("attention", re.compile(r"fmha|flash|sdpa|attention", re.I)),
+# cuDNN's attention backward runs helper kernels beside the fused one (dot(dO, O), dQ to 16 bits).
+LIBRARY_CATEGORIES = (("attention", re.compile(r"fmha|flash|sdpa|attention|compute_dot_do_o|convert_dq", re.I)),
                           ("conv", re.compile(r"conv|fprop|dgrad|wgrad", re.I)),
                           ("matmul", re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul", re.I)))
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
@@ -114,18 +115,20 @@ def _stats(event: Any) -> Dict[str, Any]:
     return {key: value for key, value in event.stats}
 
 
-def device_events(profile: Any) -> Iterable[Tuple[str, float]]:
-    """(HLO instruction or kernel name, seconds) of every op the device ran.
+def device_events(profile: Any) -> Iterable[Tuple[str, str, float]]:
+    """(HLO instruction, kernel name, seconds) of every op the device ran; the instruction is ""
+    where the trace names none.
 
-    GPU: the kernels on the device plane's stream lines; TPU: its 'XLA Ops' line; CPU (no device
-    plane): the host's XLA thunks (events with an ``hlo_op`` stat)."""
+    GPU: the kernels on the device plane's stream lines (inside a CUDA graph the instruction is
+    the command buffer that launched the graph, the kernel name the fusion's); TPU: its 'XLA Ops'
+    line; CPU (no device plane): the host's XLA thunks (events with an ``hlo_op`` stat)."""
     devices = [p for p in profile.planes if p.name.startswith("/device:")]
     for plane in devices:
         lines = list(plane.lines)
         xla_ops = [line for line in lines if line.name == "XLA Ops"]
         for line in xla_ops or [line for line in lines if line.name.startswith("Stream")]:
             for event in line.events:
-                yield _stats(event).get("hlo_op", event.name), event.duration_ns * 1e-9
+                yield _stats(event).get("hlo_op", ""), event.name, event.duration_ns * 1e-9
     if devices:
         return
     for plane in profile.planes:
@@ -134,15 +137,17 @@ def device_events(profile: Any) -> Iterable[Tuple[str, float]]:
                 for event in line.events:
                     hlo_op = _stats(event).get("hlo_op")
                     if hlo_op:
-                        yield hlo_op, event.duration_ns * 1e-9
+                        yield hlo_op, event.name, event.duration_ns * 1e-9
 
 
-def summarize(events: Iterable[Tuple[str, float]], ops: Dict[str, HloOp], runs: int = 1, top: int = 25,
+def summarize(events: Iterable[Tuple[str, str, float]], ops: Dict[str, HloOp], runs: int = 1, top: int = 25,
               scope_depth: int = 3) -> Dict[str, Any]:
-    """Milliseconds per run by op category, by module scope, and of the ``top`` ops. ``joined`` is
-    the share of the time whose op was found in the HLO; the rest is categorised by kernel name."""
+    """Milliseconds per run by op category, by module scope, and of the ``top`` ops. An event is
+    joined to its instruction where the HLO has it, else to the fusion its kernel is named after;
+    ``joined`` is the share of the time so joined, the rest is categorised by kernel name."""
     per_op: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for name, seconds in events:
+    for hlo_op, kernel, seconds in events:
+        name = hlo_op if hlo_op in ops else kernel
         per_op[name][0] += seconds
         per_op[name][1] += 1
     found = {name: ops[name] for name in per_op if name in ops}

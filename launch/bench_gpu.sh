@@ -12,37 +12,42 @@
 #
 # The measurements (the arguments, or PLAN when none are given) are what:batch:anchor items, each
 # run by the anchor (torch eager or torch.compile) and then by dpt-jax, so that every finished pair
-# is a ratio from the same run.
+# is a ratio from the same run; attention:batch times dpt-jax's attention kernel alone at the
+# U-Net's shapes (cuDNN under each schedule of dpt_jax.models.layers, and XLA), no anchor.
 # The default is the issue's table: the tune step against eager (torch.compile does not finish),
 # the probe step and sampling (eta 0 and 0.5) against torch.compile.
 #
 #   bash launch/bench_gpu.sh                                    # the whole table
-#   ITERS=3 BUDGET_S=540 bash launch/bench_gpu.sh tune:4:eager probe:8:compile
-#   BUDGET_S=540 bash launch/bench_gpu.sh sample:8:compile
+#   ITERS=3 BUDGET_S=560 bash launch/bench_gpu.sh tune:4:eager sample:8:compile
+#   BUDGET_S=300 bash launch/bench_gpu.sh attention:16 probe:8:compile
+#   SCHEDULE=batch_chunks bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with another attention schedule
 #
 # The whole script stays within BUDGET_S seconds (default 540): each anchor command gets at most
-# TORCH_S (default 150), each dpt-jax command what is left. Compiling the stage-2 step at SD-2.1
-# shapes took ~140 s on an H200 (before the single U-Net call), so plan one call per two items.
+# TORCH_S (default 300), each dpt-jax command what is left. Seen on an H100 (2026-11-26): the
+# eager tune anchor ~40 s, dpt-jax's tune step 131 s to compile; torch.compile's sampling needed
+# more than 170 s for eta 0 and 0.5 together; dpt-jax's sampling compiled in 20 s + 64 s.
 set -uo pipefail
 
 PLAN=${*:-${PLAN:-tune:4:eager probe:8:compile sample:8:compile}}
 ITERS=${ITERS:-3}
 BUDGET_S=${BUDGET_S:-540}
-TORCH_S=${TORCH_S:-150}
+TORCH_S=${TORCH_S:-300}
+SCHEDULE=${SCHEDULE:-direct} # dpt-jax's --attention-schedule
 EXTRA_ARGS=${EXTRA_ARGS:-}   # given to both, e.g. --tiny (a smoke test of this script on a CPU)
 PROFILE=${PROFILE:-1}        # 0: no profile of the dpt-jax measurements
 OUT=${OUT:-/tmp/bench_out}
 SITE=${SITE:-/tmp/site}       # where the carried wheels are unpacked
 start=$SECONDS
 for item in $PLAN; do  # a typo fails now, not after minutes of measuring
-    if ! [[ "$item" =~ ^(tune|probe|sample):[1-9][0-9]*:(eager|compile)$ ]]; then
-        echo "measurement '$item': expected what:batch:anchor, what in tune|probe|sample, anchor eager|compile" >&2
+    if ! [[ "$item" =~ ^(tune|probe|sample):[1-9][0-9]*:(eager|compile)$|^attention:[1-9][0-9]*$ ]]; then
+        echo "measurement '$item': expected what:batch:anchor (what in tune|probe|sample, anchor eager|compile)" \
+             "or attention:batch" >&2
         exit 2
     fi
 done
 mkdir -p "$OUT"
 
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .whl/*.whl || exit 1
 export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # Fail now, not after the anchor, when a module is missing (found, not imported: no seconds spent).
 python3 -c "import importlib.util as u, sys
@@ -76,13 +81,17 @@ profile=()
 status=0
 for item in $PLAN; do
     IFS=: read -r what batch anchor <<< "$item"
+    if [ "$what" = attention ]; then
+        measure "$(left)" python3 -m dpt_jax.bench --what attention --batch "$batch" ${extra[@]+"${extra[@]}"} || status=1
+        continue
+    fi
     compile=()
     [ "$anchor" = compile ] && compile=(--compile)
     limit=$(left); [ "$limit" -gt "$TORCH_S" ] && limit=$TORCH_S
     measure "$limit" python3 .bench/torch_dpt_reference.py --what "$what" --batch "$batch" --iters "$ITERS" \
         --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
     measure "$(left)" python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
-        ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
+        --attention-schedule "$SCHEDULE" ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
 done
 # The device tool brings back at most 8 files of 16 MiB: one archive in parts, not a file per trace.
 if [ -d "$OUT/profile" ]; then
