@@ -31,6 +31,7 @@ where the device time of one more run goes) and its trace and HLO in DIR.
     python -m dpt_jax.bench --what tune --batch 4 --profile /tmp/profile
     python -m dpt_jax.bench --what attention --batch 16                # the kernel alone
     python -m dpt_jax.bench --what tune --attention-schedule heads_as_batch
+    python -m dpt_jax.bench --what tune,sample --attention-implementation pallas_mgpu
 """
 from __future__ import annotations
 
@@ -366,20 +367,11 @@ def _model_attention(implementation: str, schedule: str) -> Callable[..., jax.Ar
     return forward
 
 
-def _pallas_mgpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """JAX's Pallas flash attention for Hopper (Mosaic GPU; no softmax scale, no mask: self-attention
-    only). A candidate for where cuDNN is slow; not used by the model."""
-    from jax.experimental.pallas.ops.gpu import attention_mgpu
-    config = attention_mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
-                                         block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
-    return attention_mgpu.attention(q * (q.shape[-1] ** -0.5), k, v, config)
-
-
 def attention_variants(self_attention: bool) -> List[Tuple[str, str, Callable[..., jax.Array]]]:
     """(implementation, schedule, attention function) measured by ``--what attention``."""
     variants = [("cudnn", s, _model_attention("cudnn", s)) for s in layers.ATTENTION_SCHEDULES]
     variants.append(("xla", "direct", _model_attention("xla", "direct")))
-    return variants + ([("pallas_mgpu", "direct", _pallas_mgpu_attention)] if self_attention else [])
+    return variants + ([("pallas_mgpu", "direct", layers.pallas_flash_attention)] if self_attention else [])
 
 
 def measure_attention(shapes: Shapes, batch: int, dtype: Any, args: argparse.Namespace,
@@ -428,6 +420,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
     parser.add_argument("--attention-schedule", default="direct", choices=layers.ATTENTION_SCHEDULES,
                         help="how cuDNN's attention kernel is called in the model (see dpt_jax.models.layers)")
+    parser.add_argument("--attention-implementation", default="auto", choices=("auto", "pallas_mgpu"),
+                        help="pallas_mgpu: JAX's Pallas flash attention for the self-attentions it takes (Hopper)")
     parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
                         "device time goes (a 'profile' JSON line), the trace and HLO written to DIR")
     args = parser.parse_args(argv)
@@ -449,10 +443,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     sd = bench_sd(shapes, dtype, args.seed)
     base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__,
-                attention_schedule=args.attention_schedule)
+                attention_schedule=args.attention_schedule, attention_implementation=args.attention_implementation)
     lines = []
+    implementation = None if args.attention_implementation == "auto" else args.attention_implementation
     # Around the timed calls too: a call that traced again outside would be another program.
-    with layers.attention_schedule(args.attention_schedule):
+    with layers.attention_schedule(args.attention_schedule), layers.attention_implementation(implementation):
         for what in args.what:
             default = ATTENTION_BATCHES if what == "attention" else DEFAULT_BATCHES[what]
             for batch in [int(b) for b in args.batch.split(",")] if args.batch else default:

@@ -21,6 +21,7 @@
 #   ITERS=3 BUDGET_S=560 bash launch/bench_gpu.sh tune:4:eager sample:8:compile
 #   BUDGET_S=300 bash launch/bench_gpu.sh attention:16 probe:8:compile
 #   SCHEDULE=batch_chunks bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with another attention schedule
+#   ATTENTION=pallas_mgpu bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with Pallas self-attention
 #
 # The whole script stays within BUDGET_S seconds (default 540): each anchor command gets at most
 # TORCH_S (default 300), each dpt-jax command what is left. Seen on an H100 (2026-11-26): the
@@ -33,6 +34,7 @@ ITERS=${ITERS:-3}
 BUDGET_S=${BUDGET_S:-540}
 TORCH_S=${TORCH_S:-300}
 SCHEDULE=${SCHEDULE:-direct} # dpt-jax's --attention-schedule
+ATTENTION=${ATTENTION:-auto} # dpt-jax's --attention-implementation (pallas_mgpu: Pallas self-attention)
 EXTRA_ARGS=${EXTRA_ARGS:-}   # given to both, e.g. --tiny (a smoke test of this script on a CPU)
 PROFILE=${PROFILE:-1}        # 0: no profile of the dpt-jax measurements
 OUT=${OUT:-/tmp/bench_out}
@@ -91,7 +93,8 @@ for item in $PLAN; do
     measure "$limit" python3 .bench/torch_dpt_reference.py --what "$what" --batch "$batch" --iters "$ITERS" \
         --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
     measure "$(left)" python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
-        --attention-schedule "$SCHEDULE" ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
+        --attention-schedule "$SCHEDULE" --attention-implementation "$ATTENTION" \
+        ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
 done
 # The device tool brings back at most 8 files of 16 MiB: one archive in parts, not a file per trace.
 if [ -d "$OUT/profile" ]; then

@@ -110,3 +110,27 @@ def test_attention_schedules_call_the_kernel_differently_with_the_same_result(sc
     with pytest.raises(ValueError, match="unknown attention schedule 'rows'"):
         with layers.attention_schedule("rows"):
             pass
+
+
+def test_pallas_takes_the_self_attentions_it_can_and_leaves_the_rest(on_gpu, monkeypatch):
+    calls = []
+    xla_attention = jax.nn.dot_product_attention
+
+    def pallas(q, k, v):
+        calls.append(("pallas", q.shape[1], k.shape[1]))
+        return xla_attention(q, k, v)
+
+    def recorded(q, k, v, implementation=None, **kwargs):
+        calls.append((implementation, q.shape[1], k.shape[1]))
+        return xla_attention(q, k, v, implementation="xla", **kwargs)
+    monkeypatch.setattr(layers, "pallas_flash_attention", pallas)
+    monkeypatch.setattr(layers, "_cudnn_compiles", lambda *shapes: True)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    q, k, v = _qkv(jnp.bfloat16, q_len=256, k_len=77, dim=64)
+    short, _, _ = _qkv(jnp.bfloat16, q_len=64, k_len=64, dim=64)
+    with layers.attention_implementation("pallas_mgpu"):
+        layers.attention(q, q, q)           # whole 128-blocks, head dim 64: Pallas
+        layers.attention(q, k, v)           # cross-attention: cuDNN, keys padded to 128
+        layers.attention(short, short, short)  # 64 tokens, not a whole block: cuDNN
+        layers.attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32))  # float32: XLA
+    assert calls == [("pallas", 256, 256), ("cudnn", 256, 128), ("cudnn", 64, 64), ("xla", 256, 256)]

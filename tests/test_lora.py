@@ -200,3 +200,21 @@ def test_accumulating_more_micro_batches_does_not_grow_the_program(sd):
         step = jax.jit(functools.partial(train_step, obj, optimizer, learning_rate(config), k))
         return step.lower(state, sd.frozen_params(), batch).as_text().count("stablehlo.convolution")
     assert convolutions(1) == convolutions(4) > 0
+
+
+def test_linear_chunks_are_the_parts_of_its_output():
+    # GEGLU's projection in parts (no concatenated gradient): the same numbers, LoRA included.
+    from dpt_jax.models.layers import LORA, Linear
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    variables = {"params": {"kernel": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
+                            "bias": jnp.asarray(rng.standard_normal(6), jnp.float32)},
+                 LORA: {"lora_A": jnp.asarray(rng.standard_normal((8, 2)), jnp.float32),
+                        "lora_B": jnp.asarray(rng.standard_normal((2, 6)), jnp.float32)}}
+    whole = Linear(6).apply(variables, x)
+    for chunks in (2, 3):
+        parts = Linear(6).apply(variables, x, chunks=chunks)
+        assert len(parts) == chunks
+        np.testing.assert_allclose(np.concatenate(parts, axis=-1), whole, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="6 features do not split into 4 equal chunks"):
+        Linear(6).apply(variables, x, chunks=4)

@@ -130,8 +130,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h, gate = jnp.split(Linear(2 * self.features, name="proj", dtype=self.dtype,
-                                   param_dtype=self.param_dtype)(x), 2, axis=-1)
+        h, gate = Linear(2 * self.features, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x, chunks=2)
         return h * nn.gelu(gate, approximate=False)
 
 

@@ -26,26 +26,41 @@ LORA = "lora"
 
 
 class Linear(nn.Module):
-    """``torch.nn.Linear`` (kernel stored [in, out]) with an optional LoRA branch."""
+    """``torch.nn.Linear`` (kernel stored [in, out]) with an optional LoRA branch.
+
+    ``chunks`` > 1 returns the output's equal parts along the features, each its own matmul with
+    its slice of the kernel: a caller that splits the output (GEGLU) then gets no concatenation of
+    the parts' gradients in the backward pass, one read and write of the widest activation fewer.
+    """
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, chunks: int = 1) -> Any:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                            self.param_dtype)
+                            self.param_dtype).astype(self.dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+                if self.use_bias else None)
         x = x.astype(self.dtype)
-        out = jnp.dot(x, kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            out = out + bias.astype(self.dtype)
+        lora = None
         if self.has_variable(LORA, "lora_A"):
-            a = self.get_variable(LORA, "lora_A").astype(self.dtype)
-            b = self.get_variable(LORA, "lora_B").astype(self.dtype)
-            out = out + jnp.dot(jnp.dot(x, a), b)
-        return out
+            lora = (jnp.dot(x, self.get_variable(LORA, "lora_A").astype(self.dtype)),
+                    self.get_variable(LORA, "lora_B").astype(self.dtype))
+        if self.features % chunks:
+            raise ValueError(f"{self.features} features do not split into {chunks} equal chunks")
+        width = self.features // chunks
+        parts = [slice(None)] if chunks == 1 else [slice(i * width, (i + 1) * width) for i in range(chunks)]
+        outs = []
+        for part in parts:
+            out = jnp.dot(x, kernel[:, part])
+            if bias is not None:
+                out = out + bias[part]
+            if lora is not None:
+                out = out + jnp.dot(lora[0], lora[1][:, part])
+            outs.append(out)
+        return outs[0] if chunks == 1 else tuple(outs)
 
 
 class Conv2d(nn.Module):
@@ -160,6 +175,29 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+# JAX's Pallas flash attention for Hopper (Mosaic GPU) tiles queries and keys in blocks of this size.
+PALLAS_BLOCK = 128
+
+
+def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """JAX's Pallas flash attention for Hopper GPUs (``attention_mgpu``), forward and backward;
+    errors where it cannot run. It has no mask and no softmax scale (the queries are scaled here),
+    and its shared-memory buffers are float16, so it runs in float16 (logits, softmax and sums in
+    float32) and returns the inputs' dtype."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    config = attention_mgpu.TuningConfig(block_q=PALLAS_BLOCK, block_kv=PALLAS_BLOCK, max_concurrent_steps=2,
+                                         block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    out = attention_mgpu.attention((q * q.shape[-1] ** -0.5).astype(jnp.float16), k.astype(jnp.float16),
+                                   v.astype(jnp.float16), config)
+    return out.astype(q.dtype)
+
+
+def _pallas_may_run(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> bool:
+    """Self-attention on a GPU in half precision with whole blocks and a head dim of 64s."""
+    return (_on_gpu() and mask is None and q.shape == k.shape and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 64 == 0 and q.shape[1] % PALLAS_BLOCK == 0)
+
+
 # How the fused kernel is called (`attention_schedule`): "direct", one call over [B, T, N, D];
 # "heads_as_batch", each head a batch row of its own ([B*N, T, 1, D], its keys contiguous);
 # "batch_chunks", one call per slice of the batch whose keys and values fit ATTENTION_CHUNK_BYTES.
@@ -218,7 +256,9 @@ _forced_implementation: Optional[str] = None
 
 @contextlib.contextmanager
 def attention_implementation(name: Optional[str]) -> Iterator[None]:
-    """Trace every :func:`attention` inside the block with ``name`` ('xla' or 'cudnn').
+    """Trace every :func:`attention` inside the block with ``name``: 'xla', 'cudnn', or
+    'pallas_mgpu' (:func:`pallas_flash_attention` for the self-attentions it takes, the usual
+    choice for the others).
 
     The benchmark counts model flops on an 'xla' trace: XLA's cost analysis gives cuDNN's fused
     kernel no flops. The choice is made at trace time, so only functions traced inside see it.
@@ -262,6 +302,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     implementation = implementation or _forced_implementation or _auto_implementation(q, k, mask)
+    if implementation == "pallas_mgpu":  # where it may run; elsewhere what would be chosen without it
+        if _pallas_may_run(q, k, mask):
+            return pallas_flash_attention(q, k, v).astype(dtype)
+        implementation = _auto_implementation(q, k, mask)
     return _scheduled_attention(q, k, v, implementation, _schedule, mask).astype(dtype)
 
 
