@@ -8,7 +8,7 @@ The measurements of ``shared/bench/torch_dpt_reference.py`` (same names, same JS
   probe  - one stage-1 step: six passes stopped at the tap, the U-Net frozen, only the adapter trains;
   sample - 50-step DDIM with CFG 7.5, without and with self-correction (eta 0.5);
   attention (only when asked for) - the attention kernel alone at the U-Net's shapes: cuDNN's under
-           each schedule of ``dpt_jax.models.layers``, XLA's, and JAX's Pallas kernel for Hopper.
+           each schedule of ``dpt_jax.models.attention``, XLA's, and JAX's Pallas kernel for Hopper.
 
 Weights are random (speed does not depend on them): the U-Net is SD-2.1-base stored bfloat16,
 latents and text states [B, 77, 1024] are fed directly (no VAE, no text tower), compute is
@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from dpt_jax import default_config, profiling, testing
-from dpt_jax.models import layers
+from dpt_jax.models import attention
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.models.vae import AutoencoderKL, VAEConfig
@@ -217,7 +217,7 @@ def model_flops(fn: Callable, args: Sequence[Any], loop_steps: int = 1) -> float
     """The model flops of ``fn`` (the MFU numerator): its matmuls and convolutions as written, from
     its jaxpr, the same on every backend. Traced with XLA attention, so that attention counts as
     its two matmuls rather than one opaque cuDNN call. A while loop counts ``loop_steps`` times."""
-    with layers.attention_implementation("xla"):
+    with attention.attention_implementation("xla"):
         jaxpr = jax.make_jaxpr(fn)(*args)
     return jaxpr_flops(jaxpr.jaxpr, loop_steps)
 
@@ -362,16 +362,16 @@ def unet_attention_shapes(shapes: Shapes, batch: int) -> List[Tuple[str, Tuple[i
 
 def _model_attention(implementation: str, schedule: str) -> Callable[..., jax.Array]:
     def forward(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        with layers.attention_schedule(schedule):  # read while tracing
-            return layers.attention(q, k, v, implementation=implementation)
+        with attention.attention_schedule(schedule):  # read while tracing
+            return attention.attention(q, k, v, implementation=implementation)
     return forward
 
 
 def attention_variants(self_attention: bool) -> List[Tuple[str, str, Callable[..., jax.Array]]]:
     """(implementation, schedule, attention function) measured by ``--what attention``."""
-    variants = [("cudnn", s, _model_attention("cudnn", s)) for s in layers.ATTENTION_SCHEDULES]
+    variants = [("cudnn", s, _model_attention("cudnn", s)) for s in attention.ATTENTION_SCHEDULES]
     variants.append(("xla", "direct", _model_attention("xla", "direct")))
-    return variants + ([("pallas_mgpu", "direct", layers.pallas_flash_attention)] if self_attention else [])
+    return variants + ([("pallas_mgpu", "direct", attention.pallas_flash_attention)] if self_attention else [])
 
 
 def measure_attention(shapes: Shapes, batch: int, dtype: Any, args: argparse.Namespace,
@@ -418,8 +418,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and frozen dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
-    parser.add_argument("--attention-schedule", default="direct", choices=layers.ATTENTION_SCHEDULES,
-                        help="how cuDNN's attention kernel is called in the model (see dpt_jax.models.layers)")
+    parser.add_argument("--attention-schedule", default="direct", choices=attention.ATTENTION_SCHEDULES,
+                        help="how cuDNN's attention kernel is called in the model (see dpt_jax.models.attention)")
     parser.add_argument("--attention-implementation", default="auto", choices=("auto", "pallas_mgpu"),
                         help="pallas_mgpu: JAX's Pallas flash attention for the self-attentions it takes (Hopper)")
     parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
@@ -447,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     lines = []
     implementation = None if args.attention_implementation == "auto" else args.attention_implementation
     # Around the timed calls too: a call that traced again outside would be another program.
-    with layers.attention_schedule(args.attention_schedule), layers.attention_implementation(implementation):
+    with attention.attention_schedule(args.attention_schedule), attention.attention_implementation(implementation):
         for what in args.what:
             default = ATTENTION_BATCHES if what == "attention" else DEFAULT_BATCHES[what]
             for batch in [int(b) for b in args.batch.split(",")] if args.batch else default:

@@ -13,7 +13,7 @@
 # The measurements (the arguments, or PLAN when none are given) are what:batch:anchor items, each
 # run by the anchor (torch eager or torch.compile) and then by dpt-jax, so that every finished pair
 # is a ratio from the same run; attention:batch times dpt-jax's attention kernel alone at the
-# U-Net's shapes (cuDNN under each schedule of dpt_jax.models.layers, and XLA), no anchor.
+# U-Net's shapes (cuDNN under each schedule of dpt_jax.models.attention, XLA, Pallas), no anchor.
 # The default is the table: the tune step against eager (torch.compile does not finish),
 # the probe step and sampling (eta 0 and 0.5) against torch.compile.
 #

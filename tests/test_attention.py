@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpt_jax.models import layers
+from dpt_jax.models import attention
 
 
 def _qkv(dtype=jnp.float32, q_len=64, k_len=77, heads=4, dim=16, seed=0):
@@ -18,7 +18,7 @@ def _qkv(dtype=jnp.float32, q_len=64, k_len=77, heads=4, dim=16, seed=0):
 def test_padded_keys_give_the_same_attention_and_gradients():
     q, k, v = _qkv()
     plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    padded = lambda q, k, v: layers._padded_key_attention(q, k, v, "xla")
+    padded = lambda q, k, v: attention._padded_key_attention(q, k, v, "xla")
     np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-6)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
     grads = [jax.grad(lambda *a, f=f: (f(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v) for f in (plain, padded)]
@@ -30,8 +30,8 @@ def test_padded_keys_give_the_same_attention_and_gradients():
 @pytest.fixture
 def on_gpu(monkeypatch):
     """A GPU as far as the dispatch can tell; the probe's cache starts empty and is left empty."""
-    monkeypatch.setattr(layers, "_on_gpu", lambda: True)
-    probe = layers._cudnn_compiles
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    probe = attention._cudnn_compiles
     probe.cache_clear()
     yield
     probe.cache_clear()
@@ -46,24 +46,24 @@ def test_cross_attention_goes_to_cudnn_with_padded_keys_where_cudnn_compiles(on_
                       else np.asarray(key_value_seq_lengths).tolist()))
         return xla_attention(q, k, v, key_value_seq_lengths=key_value_seq_lengths, implementation="xla", **kwargs)
 
-    monkeypatch.setattr(layers, "_cudnn_compiles", lambda *shapes: True)
+    monkeypatch.setattr(attention, "_cudnn_compiles", lambda *shapes: True)
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
     q, k, v = _qkv(jnp.bfloat16)
-    out = layers.attention(q, k, v)
+    out = attention.attention(q, k, v)
     assert calls == [("cudnn", 128, [77, 77])]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(xla_attention(q, k, v), np.float32), atol=2e-2)
-    layers.attention(q, q, q)  # self-attention: as many keys as queries, no padding
+    attention.attention(q, q, q)  # self-attention: as many keys as queries, no padding
     assert calls[-1] == ("cudnn", 64, None)
-    layers.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))  # no float32 kernel
+    attention.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))  # no float32 kernel
     assert calls[-1][0] == "xla"
-    layers.attention(q, k, v, upcast=True)
+    attention.attention(q, k, v, upcast=True)
     assert calls[-1][0] == "xla"
-    with layers.attention_implementation("xla"):  # the benchmark's flop count
-        layers.attention(q, k, v)
+    with attention.attention_implementation("xla"):  # the benchmark's flop count
+        attention.attention(q, k, v)
     assert calls[-1] == ("xla", 77, None)
     mask = jnp.arange(77) < 70
-    with layers.attention_implementation("cudnn"):  # a mask is passed on as it is, never padded away
-        masked = layers.attention(q, k, v, mask=mask)
+    with attention.attention_implementation("cudnn"):  # a mask is passed on as it is, never padded away
+        masked = attention.attention(q, k, v, mask=mask)
     assert calls[-1] == ("cudnn", 77, None)
     np.testing.assert_array_equal(np.asarray(masked), np.asarray(xla_attention(q, k, v, mask=mask)))
 
@@ -72,12 +72,12 @@ def test_attention_falls_back_to_xla_where_cudnn_does_not_compile(on_gpu, caplog
     # On this CPU the probe's cuDNN compile fails for real, here inside another function's trace.
     q, k, v = _qkv(jnp.bfloat16)
     with caplog.at_level(logging.WARNING):
-        out = jax.jit(layers.attention)(q, k, v)
+        out = jax.jit(attention.attention)(q, k, v)
     assert "cuDNN attention does not compile for q (2, 64, 4, 16), k (2, 77, 4, 16)" in caplog.text
     np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.nn.dot_product_attention(q, k, v)))
-    assert layers._cudnn_compiles.cache_info().misses == 1
-    jax.jit(layers.attention)(q * 2, k, v)  # the same shapes: not probed again
-    assert layers._cudnn_compiles.cache_info().misses == 1
+    assert attention._cudnn_compiles.cache_info().misses == 1
+    jax.jit(attention.attention)(q * 2, k, v)  # the same shapes: not probed again
+    assert attention._cudnn_compiles.cache_info().misses == 1
 
 
 @pytest.mark.parametrize("schedule", ["heads_as_batch", "batch_chunks"])
@@ -91,24 +91,24 @@ def test_attention_schedules_call_the_kernel_differently_with_the_same_result(sc
     q, k, v = _qkv(q_len=64, k_len=64)
     q, k, v = (jnp.concatenate([t, 2 * t, -t]) for t in (q, k, v))  # a batch of 6
     # Keys and values of 2 rows per call: 2 * 64 * 4 * 16 float32 each.
-    monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", 2 * 2 * 64 * 4 * 16 * 4)
+    monkeypatch.setattr(attention, "ATTENTION_CHUNK_BYTES", 2 * 2 * 64 * 4 * 16 * 4)
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
     def loss(q, k, v):
-        return (layers.attention(q, k, v) * weights).sum()
-    with layers.attention_implementation("xla"):
-        want, want_grads = layers.attention(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-        with layers.attention_schedule(schedule):
+        return (attention.attention(q, k, v) * weights).sum()
+    with attention.attention_implementation("xla"):
+        want, want_grads = attention.attention(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        with attention.attention_schedule(schedule):
             shapes.clear()
-            got = layers.attention(q, k, v)
+            got = attention.attention(q, k, v)
             assert shapes == {"heads_as_batch": [(24, 64, 1, 16)], "batch_chunks": [(2, 64, 4, 16)] * 3}[schedule]
             got_grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(got, want, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention schedule 'rows'"):
-        with layers.attention_schedule("rows"):
+        with attention.attention_schedule("rows"):
             pass
 
 
@@ -123,14 +123,14 @@ def test_pallas_takes_the_self_attentions_it_can_and_leaves_the_rest(on_gpu, mon
     def recorded(q, k, v, implementation=None, **kwargs):
         calls.append((implementation, q.shape[1], k.shape[1]))
         return xla_attention(q, k, v, implementation="xla", **kwargs)
-    monkeypatch.setattr(layers, "pallas_flash_attention", pallas)
-    monkeypatch.setattr(layers, "_cudnn_compiles", lambda *shapes: True)
+    monkeypatch.setattr(attention, "pallas_flash_attention", pallas)
+    monkeypatch.setattr(attention, "_cudnn_compiles", lambda *shapes: True)
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
     q, k, v = _qkv(jnp.bfloat16, q_len=256, k_len=77, dim=64)
     short, _, _ = _qkv(jnp.bfloat16, q_len=64, k_len=64, dim=64)
-    with layers.attention_implementation("pallas_mgpu"):
-        layers.attention(q, q, q)           # whole 128-blocks, head dim 64: Pallas
-        layers.attention(q, k, v)           # cross-attention: cuDNN, keys padded to 128
-        layers.attention(short, short, short)  # 64 tokens, not a whole block: cuDNN
-        layers.attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32))  # float32: XLA
+    with attention.attention_implementation("pallas_mgpu"):
+        attention.attention(q, q, q)           # whole 128-blocks, head dim 64: Pallas
+        attention.attention(q, k, v)           # cross-attention: cuDNN, keys padded to 128
+        attention.attention(short, short, short)  # 64 tokens, not a whole block: cuDNN
+        attention.attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32))  # float32: XLA
     assert calls == [("pallas", 256, 256), ("cudnn", 256, 128), ("cudnn", 64, 64), ("xla", 256, 256)]

@@ -61,7 +61,7 @@ def test_model_flops_count_attention_as_its_matmuls():
     # XLA attention, whose two matmuls are 2 * 2 * B * H * Lq * Lk * D flops.
     import jax.numpy as jnp
     from dpt_jax.bench import model_flops
-    from dpt_jax.models.layers import attention
+    from dpt_jax.models.attention import attention
     b, lq, lk, h, d = 2, 64, 48, 4, 16
     q, k, v = jnp.ones((b, lq, h, d)), jnp.ones((b, lk, h, d)), jnp.ones((b, lk, h, d))
     assert model_flops(lambda q, k, v: attention(q, k, v), (q, k, v)) == 2 * 2 * b * h * lq * lk * d

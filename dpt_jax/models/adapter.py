@@ -13,7 +13,7 @@ layout; every other weight follows the usual kernel/scale rule of :mod:`dpt_jax.
 Two deliberate choices:
 - Dropout acts on the residual branches and inside the FFN only, never on the attention weights
   (DETR also drops attention weights): the attention runs through the fused
-  :func:`dpt_jax.models.layers.attention`, which has no dropout.
+  :func:`dpt_jax.models.attention.attention`, which has no dropout.
 - Linear / conv layers are ``flax.linen.Dense`` / ``Conv`` rather than ``layers.Linear`` /
   ``Conv2d``: they take an initializer (Xavier-uniform for every >1-dim weight, as DETR) and store
   the same ``kernel`` / ``bias`` leaves in the same layouts. The adapter carries no LoRA.
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpt_jax.models.layers import LayerNorm, attention
+from dpt_jax.models.attention import attention
+from dpt_jax.models.layers import LayerNorm
 from dpt_jax.weights import params_to_state_dict
 
 Dtype = Any

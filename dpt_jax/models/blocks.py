@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, attention
+from dpt_jax.models.attention import attention
+from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear
 
 Dtype = Any
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpt_jax import weights
-from dpt_jax.models.layers import LayerNorm, Linear, attention
+from dpt_jax.models.attention import attention
+from dpt_jax.models.layers import LayerNorm, Linear
 
 Dtype = Any
 Params = Dict[str, Any]

@@ -1,0 +1,182 @@
+"""Multi-head attention for the U-Net, VAE, text encoder and adapter: one function, three kernels.
+
+:func:`attention` picks cuDNN's fused kernel on a GPU where it compiles for the shapes and XLA's
+attention elsewhere; :func:`attention_implementation` forces a choice while tracing (XLA for the
+benchmark's flop count, JAX's Pallas kernel for the self-attentions it takes), and
+:func:`attention_schedule` changes how cuDNN's kernel is called, not what it computes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Any, Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+# cuDNN's fused kernel gets the keys of a cross-attention padded to a multiple of this, the padding
+# masked by their lengths: it refused CLIP's 77 keys unpadded ("Unsupported sequence length Q 4096,
+# KV 77" on an H200, jax 0.11.2), leaving those layers to XLA's much slower attention.
+CUDNN_KEY_MULTIPLE = 64
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _cudnn_may_support(q: jax.Array) -> bool:
+    """The static part of cuDNN's flash-attention conditions (GPU, half precision, head dim)."""
+    return _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+
+
+def _padded_key_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+    """Attention with the keys and values zero-padded to a multiple of ``CUDNN_KEY_MULTIPLE`` and
+    the padding masked out by the key lengths: the same result."""
+    length = k.shape[1]
+    pad = [(0, 0), (0, -length % CUDNN_KEY_MULTIPLE), (0, 0), (0, 0)]
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    return jax.nn.dot_product_attention(q, jnp.pad(k, pad), jnp.pad(v, pad), key_value_seq_lengths=lengths,
+                                        implementation=implementation)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    if (implementation == "cudnn" and mask is None and k.shape[1] != q.shape[1]
+            and k.shape[1] % CUDNN_KEY_MULTIPLE):
+        return _padded_key_attention(q, k, v, implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+# JAX's Pallas flash attention for Hopper (Mosaic GPU) tiles queries and keys in blocks of this size.
+PALLAS_BLOCK = 128
+
+
+def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """JAX's Pallas flash attention for Hopper GPUs (``attention_mgpu``), forward and backward;
+    errors where it cannot run. It has no mask and no softmax scale (the queries are scaled here),
+    and its shared-memory buffers are float16, so it runs in float16 (logits, softmax and sums in
+    float32) and returns the inputs' dtype."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    config = attention_mgpu.TuningConfig(block_q=PALLAS_BLOCK, block_kv=PALLAS_BLOCK, max_concurrent_steps=2,
+                                         block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    out = attention_mgpu.attention((q * q.shape[-1] ** -0.5).astype(jnp.float16), k.astype(jnp.float16),
+                                   v.astype(jnp.float16), config)
+    return out.astype(q.dtype)
+
+
+def _pallas_may_run(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> bool:
+    """Self-attention on a GPU in half precision with whole blocks and a head dim of 64s."""
+    return (_on_gpu() and mask is None and q.shape == k.shape and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 64 == 0 and q.shape[1] % PALLAS_BLOCK == 0)
+
+
+# How the fused kernel is called (`attention_schedule`): "direct", one call over [B, T, N, D];
+# "heads_as_batch", each head a batch row of its own ([B*N, T, 1, D], its keys contiguous);
+# "batch_chunks", one call per slice of the batch whose keys and values fit ATTENTION_CHUNK_BYTES.
+# On an H100 the direct call ran 4096-token self-attention at ~120 TFLOP/s against ~420 at 1024
+# tokens; the other two are there to be measured against it (`dpt-jax bench --what attention`).
+ATTENTION_SCHEDULES = ("direct", "heads_as_batch", "batch_chunks")
+ATTENTION_CHUNK_BYTES = 16 * 2 ** 20
+
+
+def _scheduled_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, schedule: str,
+                         mask: Optional[jax.Array] = None) -> jax.Array:
+    if mask is not None or schedule == "direct":
+        return _attention(q, k, v, implementation, mask)
+    if schedule == "heads_as_batch":
+        batch, length, heads, head_dim = q.shape
+
+        def fold(t: jax.Array) -> jax.Array:
+            return t.transpose(0, 2, 1, 3).reshape(batch * heads, t.shape[1], 1, head_dim)
+        out = _attention(fold(q), fold(k), fold(v), implementation)
+        return out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
+    if schedule != "batch_chunks":
+        raise ValueError(f"unknown attention schedule {schedule!r}: expected one of {ATTENTION_SCHEDULES}")
+    rows = max(1, ATTENTION_CHUNK_BYTES // (2 * k[0].size * k.dtype.itemsize))
+    if rows >= q.shape[0]:
+        return _attention(q, k, v, implementation)
+    return jnp.concatenate([_attention(q[i:i + rows], k[i:i + rows], v[i:i + rows], implementation)
+                            for i in range(0, q.shape[0], rows)])
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_compiles(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: Any, schedule: str) -> bool:
+    """Whether cuDNN's kernel compiles, forward and backward, for these shapes on this GPU: what it
+    accepts depends on the chip and the cuDNN version. Once per shape, from the shapes alone (so
+    also while another function is being traced)."""
+    def loss(q, k, v):
+        return _scheduled_attention(q, k, v, "cudnn", schedule).astype(jnp.float32).sum()
+    q, k = jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(k_shape, dtype)
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k).compile()
+        return True
+    except Exception as error:  # a trace-time NotImplementedError or a compile-time XLA error
+        logging.warning("cuDNN attention does not compile for q %s, k %s (%s: %s); using XLA's",
+                        q_shape, k_shape, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return False
+
+
+def _auto_implementation(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> str:
+    if mask is None and _cudnn_may_support(q) and _cudnn_compiles(q.shape, k.shape, q.dtype, _schedule):
+        return "cudnn"
+    return "xla"
+
+
+# Set by `attention_implementation` while tracing; None: choose per call (below).
+_forced_implementation: Optional[str] = None
+
+
+@contextlib.contextmanager
+def attention_implementation(name: Optional[str]) -> Iterator[None]:
+    """Trace every :func:`attention` inside the block with ``name``: 'xla', 'cudnn', or
+    'pallas_mgpu' (:func:`pallas_flash_attention` for the self-attentions it takes, the usual
+    choice for the others).
+
+    The benchmark counts model flops on an 'xla' trace: XLA's cost analysis gives cuDNN's fused
+    kernel no flops. The choice is made at trace time, so only functions traced inside see it.
+    """
+    global _forced_implementation
+    previous, _forced_implementation = _forced_implementation, name
+    try:
+        yield
+    finally:
+        _forced_implementation = previous
+
+
+# Set by `attention_schedule` while tracing.
+_schedule = "direct"
+
+
+@contextlib.contextmanager
+def attention_schedule(name: str) -> Iterator[None]:
+    """Trace every :func:`attention` inside the block with schedule ``name`` (one of
+    ``ATTENTION_SCHEDULES``): how the kernel is called, the same result."""
+    global _schedule
+    if name not in ATTENTION_SCHEDULES:
+        raise ValueError(f"unknown attention schedule {name!r}: expected one of {ATTENTION_SCHEDULES}")
+    previous, _schedule = _schedule, name
+    try:
+        yield
+    finally:
+        _schedule = previous
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
+              mask: Optional[jax.Array] = None, implementation: Optional[str] = None) -> jax.Array:
+    """Multi-head scaled dot-product attention, ``q, k, v``: [batch, length, heads, head_dim].
+
+    The one attention function of the U-Net, VAE and text encoder. ``implementation`` None
+    picks cuDNN's fused kernel on GPU where it compiles for the shapes, and XLA otherwise.
+    ``upcast`` runs the product and softmax in float32 (diffusers' ``upcast_attention``).
+    ``mask``: boolean, broadcastable to [batch, heads, q_len, k_len], True = attend.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    implementation = implementation or _forced_implementation or _auto_implementation(q, k, mask)
+    if implementation == "pallas_mgpu":  # where it may run; elsewhere what would be chosen without it
+        if _pallas_may_run(q, k, mask):
+            return pallas_flash_attention(q, k, v).astype(dtype)
+        implementation = _auto_implementation(q, k, mask)
+    return _scheduled_attention(q, k, v, implementation, _schedule, mask).astype(dtype)
