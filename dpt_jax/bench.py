@@ -441,7 +441,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TINY_XLA_FLAGS}".strip()
     shapes = bench_shapes(args.tiny)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    sd = bench_sd(shapes, dtype, args.seed)
+    # The random SD-2.1 weights (seconds to make) only where a measurement runs the U-Net.
+    sd = bench_sd(shapes, dtype, args.seed) if set(args.what) - {"attention"} else None
     base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__,
                 attention_schedule=args.attention_schedule, attention_implementation=args.attention_implementation)
     lines = []
