@@ -7,8 +7,8 @@ The measurements of ``shared/bench/torch_dpt_reference.py`` (same names, same JS
            REC expression) are here one U-Net call whose positive rows go on past the tap;
   probe  - one stage-1 step: six passes stopped at the tap, the U-Net frozen, only the adapter trains;
   sample - 50-step DDIM with CFG 7.5, without and with self-correction (eta 0.5);
-  attention (only when asked for) - the attention kernel alone at the U-Net's shapes: cuDNN's under
-           each schedule of ``dpt_jax.models.attention``, XLA's, and JAX's Pallas kernel for Hopper.
+  attention (only when asked for) - the attention kernel alone at the U-Net's shapes: cuDNN's,
+           XLA's, and JAX's Pallas kernel for Hopper.
 
 Weights are random (speed does not depend on them): the U-Net is SD-2.1-base stored bfloat16,
 latents and text states [B, 77, 1024] are fed directly (no VAE, no text tower), compute is
@@ -30,7 +30,6 @@ where the device time of one more run goes) and its trace and HLO in DIR.
     python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, ~1 min
     python -m dpt_jax.bench --what tune --batch 4 --profile /tmp/profile
     python -m dpt_jax.bench --what attention --batch 16                # the kernel alone
-    python -m dpt_jax.bench --what tune --attention-schedule heads_as_batch
     python -m dpt_jax.bench --what tune,sample --attention-implementation pallas_mgpu
 """
 from __future__ import annotations
@@ -360,18 +359,14 @@ def unet_attention_shapes(shapes: Shapes, batch: int) -> List[Tuple[str, Tuple[i
     return out
 
 
-def _model_attention(implementation: str, schedule: str) -> Callable[..., jax.Array]:
-    def forward(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        with attention.attention_schedule(schedule):  # read while tracing
-            return attention.attention(q, k, v, implementation=implementation)
-    return forward
+def _model_attention(implementation: str) -> Callable[..., jax.Array]:
+    return functools.partial(attention.attention, implementation=implementation)
 
 
-def attention_variants(self_attention: bool) -> List[Tuple[str, str, Callable[..., jax.Array]]]:
-    """(implementation, schedule, attention function) measured by ``--what attention``."""
-    variants = [("cudnn", s, _model_attention("cudnn", s)) for s in attention.ATTENTION_SCHEDULES]
-    variants.append(("xla", "direct", _model_attention("xla", "direct")))
-    return variants + ([("pallas_mgpu", "direct", attention.pallas_flash_attention)] if self_attention else [])
+def attention_variants(self_attention: bool) -> List[Tuple[str, Callable[..., jax.Array]]]:
+    """(implementation, attention function) measured by ``--what attention``."""
+    variants = [("cudnn", _model_attention("cudnn")), ("xla", _model_attention("xla"))]
+    return variants + ([("pallas_mgpu", attention.pallas_flash_attention)] if self_attention else [])
 
 
 def measure_attention(shapes: Shapes, batch: int, dtype: Any, args: argparse.Namespace,
@@ -383,12 +378,12 @@ def measure_attention(shapes: Shapes, batch: int, dtype: Any, args: argparse.Nam
     for kind, q_shape, k_shape in unet_attention_shapes(shapes, batch):
         rng = np.random.default_rng(args.seed)
         q, k, v = normal(rng, q_shape, dtype), normal(rng, k_shape, dtype), normal(rng, k_shape, dtype)
-        reference = np.asarray(jax.jit(_model_attention("xla", "direct"))(
+        reference = np.asarray(jax.jit(_model_attention("xla"))(
             *(t.astype(jnp.float32) for t in (q, k, v))))
         flops = 4.0 * math.prod(q_shape) * k_shape[1]
-        for implementation, schedule, forward in attention_variants(kind.startswith("self")):
+        for implementation, forward in attention_variants(kind.startswith("self")):
             line = dict(base, what="attention", batch=batch, kind=kind, q=q_shape, k=k_shape,
-                        implementation=implementation, schedule=schedule)
+                        implementation=implementation)
 
             def loss(q: jax.Array, k: jax.Array, v: jax.Array, forward: Callable = forward) -> jax.Array:
                 return forward(q, k, v).astype(jnp.float32).sum()
@@ -418,8 +413,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and frozen dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
-    parser.add_argument("--attention-schedule", default="direct", choices=attention.ATTENTION_SCHEDULES,
-                        help="how cuDNN's attention kernel is called in the model (see dpt_jax.models.attention)")
     parser.add_argument("--attention-implementation", default="auto", choices=("auto", "pallas_mgpu"),
                         help="pallas_mgpu: JAX's Pallas flash attention for the self-attentions it takes (Hopper)")
     parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
@@ -444,11 +437,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     # The random SD-2.1 weights (seconds to make) only where a measurement runs the U-Net.
     sd = bench_sd(shapes, dtype, args.seed) if set(args.what) - {"attention"} else None
     base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__,
-                attention_schedule=args.attention_schedule, attention_implementation=args.attention_implementation)
+                attention_implementation=args.attention_implementation)
     lines = []
     implementation = None if args.attention_implementation == "auto" else args.attention_implementation
     # Around the timed calls too: a call that traced again outside would be another program.
-    with attention.attention_schedule(args.attention_schedule), attention.attention_implementation(implementation):
+    with attention.attention_implementation(implementation):
         for what in args.what:
             default = ATTENTION_BATCHES if what == "attention" else DEFAULT_BATCHES[what]
             for batch in [int(b) for b in args.batch.split(",")] if args.batch else default:

@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ TRACE_COMPONENTS = re.compile(r"^(jit|pjit|shard_map|xla_call)\(|^(while|body|co
 LIBRARY_CATEGORIES = (("attention", re.compile(r"fmha|flash|sdpa|attention|compute_dot_do_o|convert_dq", re.I)),
                           ("conv", re.compile(r"conv|fprop|dgrad|wgrad", re.I)),
                           ("matmul", re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul", re.I)))
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
@@ -45,6 +46,18 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 class HloOp:
     category: str   # matmul, conv, attention, reduce, elementwise, copy, collective, control, other
     op_name: str    # the traced jax op it came from ("" when XLA made it)
+    bytes: int = 0  # its operands' and results' sizes: what it moves at most (a slice reads less)
+
+
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+                  "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY_TYPE = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([\d,]*)\]")
+
+
+def _type_bytes(hlo_type: str) -> int:
+    """The size of an HLO type (an array or a tuple of arrays): ``bf16[16,4096,320]{2,1,0}``."""
+    return sum(_ELEMENT_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY_TYPE.findall(hlo_type))
 
 
 def _category(opcode: str, line: str, called_opcodes: Iterable[str]) -> str:
@@ -73,6 +86,8 @@ def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
     opcodes: Dict[str, List[str]] = collections.defaultdict(list)  # computation -> its opcodes
     inner_op_name: Dict[str, str] = {}  # computation -> an op_name inside it
     instructions: List[Tuple[str, str, str]] = []  # name, opcode, line
+    result_bytes: Dict[str, int] = {}
+    operands: Dict[str, List[str]] = {}
     current = ""
     for line in hlo_text.splitlines():
         if not line.startswith(" "):
@@ -82,8 +97,11 @@ def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
         match = _INSTRUCTION.match(line)
         if not match:
             continue
-        opcodes[current].append(match.group(2))
-        instructions.append((match.group(1), match.group(2), line))
+        name, result_type, opcode, arguments = match.groups()
+        opcodes[current].append(opcode)
+        instructions.append((name, opcode, line))
+        result_bytes[name] = _type_bytes(result_type)
+        operands[name] = re.findall(r"%([\w.\-]+)", arguments.split(")")[0])
         op_name = _op_name(line)
         if op_name and (current not in inner_op_name or line.lstrip().startswith("ROOT")):
             inner_op_name[current] = op_name
@@ -91,7 +109,8 @@ def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
     for name, opcode, line in instructions:
         called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
         op_name = _op_name(line) or next((inner_op_name[c] for c in called if c in inner_op_name), "")
-        op = HloOp(_category(opcode, line, [op for c in called for op in opcodes.get(c, ())]), op_name)
+        moved = result_bytes[name] + sum(result_bytes.get(operand, 0) for operand in operands[name])
+        op = HloOp(_category(opcode, line, [op for c in called for op in opcodes.get(c, ())]), op_name, moved)
         ops[name] = op
         ops.setdefault(re.sub(r"[.\-]", "_", name), op)
     return ops
@@ -142,9 +161,10 @@ def device_events(profile: Any) -> Iterable[Tuple[str, str, float]]:
 
 def summarize(events: Iterable[Tuple[str, str, float]], ops: Dict[str, HloOp], runs: int = 1, top: int = 25,
               scope_depth: int = 3) -> Dict[str, Any]:
-    """Milliseconds per run by op category, by module scope, and of the ``top`` ops. An event is
-    joined to its instruction where the HLO has it, else to the fusion its kernel is named after;
-    ``joined`` is the share of the time so joined, the rest is categorised by kernel name."""
+    """Milliseconds per run by op category, by module scope, and of the ``top`` ops (with the MB
+    each call moves and its TB/s, where the op is in the HLO). An event is joined to its
+    instruction where the HLO has it, else to the fusion its kernel is named after; ``joined`` is
+    the share of the time so joined, the rest is categorised by kernel name."""
     per_op: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
     for hlo_op, kernel, seconds in events:
         name = hlo_op if hlo_op in ops else kernel
@@ -170,8 +190,16 @@ def summarize(events: Iterable[Tuple[str, str, float]], ops: Dict[str, HloOp], r
         joined=round(sum(per_op[n][0] for n in per_op if n in found) / total, 4) if total else 0.0,
         by_category_ms=ranked(by_category), by_scope_ms=ranked(by_scope, top),
         top_ops=[dict(op=name, ms=ms(seconds), calls=n // runs, category=op_of[name].category,
-                      op_name=op_of[name].op_name[-160:])
+                      **_bandwidth(op_of[name].bytes, seconds / n), op_name=op_of[name].op_name[-160:])
                  for name, (seconds, n) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]])
+
+
+def _bandwidth(moved: int, seconds_per_call: float) -> Dict[str, float]:
+    """MB an op moves per call and the TB/s that makes: how far a memory-bound op is from the
+    chip's bandwidth (an upper bound where a fusion reads only a slice of an operand)."""
+    if not moved or not seconds_per_call:
+        return {}
+    return dict(mb=round(moved / 1e6, 2), tb_per_s=round(moved / seconds_per_call / 1e12, 3))
 
 
 def _library_category(name: str) -> str:

@@ -13,14 +13,13 @@
 # The measurements (the arguments, or PLAN when none are given) are what:batch:anchor items, each
 # run by the anchor (torch eager or torch.compile) and then by dpt-jax, so that every finished pair
 # is a ratio from the same run; attention:batch times dpt-jax's attention kernel alone at the
-# U-Net's shapes (cuDNN under each schedule of dpt_jax.models.attention, XLA, Pallas), no anchor.
+# U-Net's shapes (cuDNN, XLA, Pallas), no anchor.
 # The default is the table: the tune step against eager (torch.compile does not finish),
 # the probe step and sampling (eta 0 and 0.5) against torch.compile.
 #
 #   bash launch/bench_gpu.sh                                    # the whole table
 #   ITERS=3 BUDGET_S=560 bash launch/bench_gpu.sh tune:4:eager sample:8:compile
 #   BUDGET_S=300 bash launch/bench_gpu.sh attention:16 probe:8:compile
-#   SCHEDULE=batch_chunks bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with another attention schedule
 #   ATTENTION=pallas_mgpu bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with Pallas self-attention
 #
 # The whole script stays within BUDGET_S seconds (default 540): each anchor command gets at most
@@ -33,7 +32,6 @@ PLAN=${*:-${PLAN:-tune:4:eager probe:8:compile sample:8:compile}}
 ITERS=${ITERS:-3}
 BUDGET_S=${BUDGET_S:-540}
 TORCH_S=${TORCH_S:-300}
-SCHEDULE=${SCHEDULE:-direct} # dpt-jax's --attention-schedule
 ATTENTION=${ATTENTION:-auto} # dpt-jax's --attention-implementation (pallas_mgpu: Pallas self-attention)
 EXTRA_ARGS=${EXTRA_ARGS:-}   # given to both, e.g. --tiny (a smoke test of this script on a CPU)
 PROFILE=${PROFILE:-1}        # 0: no profile of the dpt-jax measurements
@@ -93,7 +91,7 @@ for item in $PLAN; do
     measure "$limit" python3 .bench/torch_dpt_reference.py --what "$what" --batch "$batch" --iters "$ITERS" \
         --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
     measure "$(left)" python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
-        --attention-schedule "$SCHEDULE" --attention-implementation "$ATTENTION" \
+        --attention-implementation "$ATTENTION" \
         ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
 done
 # The device tool brings back at most 8 files of 16 MiB: one archive in parts, not a file per trace.

@@ -80,38 +80,6 @@ def test_attention_falls_back_to_xla_where_cudnn_does_not_compile(on_gpu, caplog
     assert attention._cudnn_compiles.cache_info().misses == 1
 
 
-@pytest.mark.parametrize("schedule", ["heads_as_batch", "batch_chunks"])
-def test_attention_schedules_call_the_kernel_differently_with_the_same_result(schedule, monkeypatch):
-    shapes = []
-    xla_attention = jax.nn.dot_product_attention
-
-    def recorded(q, k, v, **kwargs):
-        shapes.append(q.shape)
-        return xla_attention(q, k, v, **kwargs)
-    q, k, v = _qkv(q_len=64, k_len=64)
-    q, k, v = (jnp.concatenate([t, 2 * t, -t]) for t in (q, k, v))  # a batch of 6
-    # Keys and values of 2 rows per call: 2 * 64 * 4 * 16 float32 each.
-    monkeypatch.setattr(attention, "ATTENTION_CHUNK_BYTES", 2 * 2 * 64 * 4 * 16 * 4)
-    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
-    weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
-
-    def loss(q, k, v):
-        return (attention.attention(q, k, v) * weights).sum()
-    with attention.attention_implementation("xla"):
-        want, want_grads = attention.attention(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-        with attention.attention_schedule(schedule):
-            shapes.clear()
-            got = attention.attention(q, k, v)
-            assert shapes == {"heads_as_batch": [(24, 64, 1, 16)], "batch_chunks": [(2, 64, 4, 16)] * 3}[schedule]
-            got_grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-        np.testing.assert_allclose(g, w, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown attention schedule 'rows'"):
-        with attention.attention_schedule("rows"):
-            pass
-
-
 def test_pallas_takes_the_self_attentions_it_can_and_leaves_the_rest(on_gpu, monkeypatch):
     calls = []
     xla_attention = jax.nn.dot_product_attention

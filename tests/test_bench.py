@@ -102,9 +102,9 @@ def test_bench_attention_lines():
     lines = bench.main(["--tiny", "--what", "attention", "--batch", "2", "--iters", "1"])
     kinds = [kind for kind, _, _ in bench.unet_attention_shapes(bench.bench_shapes(True), 2)]
     assert kinds == ["self_64", "cross_64", "self_16", "cross_16", "self_4", "cross_4"]
-    assert [(x["kind"], x["implementation"], x["schedule"]) for x in lines] == [
-        (kind, implementation, schedule) for kind in kinds
-        for implementation, schedule, _ in bench.attention_variants(kind.startswith("self"))]
+    assert [(x["kind"], x["implementation"]) for x in lines] == [
+        (kind, implementation) for kind in kinds
+        for implementation, _ in bench.attention_variants(kind.startswith("self"))]
     assert {x["implementation"] for x in lines} == {"cudnn", "xla", "pallas_mgpu"}
     for x in lines:
         if x["implementation"] == "xla":

@@ -2,12 +2,14 @@
 
 A tiny random CLIPModel (width 32, 2 layers per tower, 32 px images, 8 px patches, 16-d
 embeddings) is saved with save_pretrained next to the tiny BPE tokenizer of dpt_jax.testing.
-Measured (float32, CPU): image embeddings <= 7.2e-7, text embeddings <= 1.8e-6 from
+Measured (float32, CPU): image embeddings <= 8.3e-7, text embeddings <= 1.8e-6 from
 transformers' get_image_features / get_text_features fed the same inputs, cosine scores
-<= 1.9e-7; preprocessing equals CLIPImageProcessor (PIL backend) bit for bit (max error 0), through
+<= 2.0e-7; preprocessing equals CLIPImageProcessor (PIL backend) bit for bit (max error 0), through
 downscaling, upscaling and off-centre crops; the open_clip layout (state dict converted here, key by
-key, from the transformers one) gives identical embeddings (error 0). Tolerances: 1e-4 for the
-transformers comparisons, 1e-6 for preprocessing, 1e-5 between the layouts.
+key, from the transformers one) gives identical embeddings (error 0); batches of 2 and of 4 differ
+by float32 rounding (the CPU matmuls block by batch size; 1.1e-6 on text embeddings of size ~2.5).
+Tolerances: 1e-4 for the transformers comparisons, 1e-6 for preprocessing, 1e-5 between the
+layouts, 4e-6 between batch sizes.
 """
 import json
 import os
@@ -25,6 +27,7 @@ from dpt_jax.testing import make_tiny_clip_dir, write_clip_tokenizer
 F32_TOL = 1e-4
 PREPROCESS_TOL = 1e-6
 LAYOUT_TOL = 1e-5
+BATCHING_TOL = 4e-6
 WIDTH, LAYERS, HEADS, IMAGE, PATCH, EMBED = 32, 2, 4, 32, 8, 16
 PROMPTS = ["a photo of a red circle", "two blue squares left of a green triangle", "a cat",
            " ".join(["yellow cube"] * 45)]  # 90 words: truncated to 77 tokens
@@ -115,8 +118,8 @@ def test_preprocessing_matches_clip_image_processor(hf_dir, scorer, torch_model,
 def test_batching_pads_and_splits(hf_dir, scorer):
     images = _images(4, 5, 36, 36)
     small = load_clip(hf_dir, batch_size=2)  # batches of 2, 2, 1
-    assert _max_err(small.embed_images(images), scorer.embed_images(images)) <= 1e-6
-    assert _max_err(small.embed_texts(PROMPTS[:3]), scorer.embed_texts(PROMPTS[:3])) <= 1e-6
+    assert _max_err(small.embed_images(images), scorer.embed_images(images)) <= BATCHING_TOL
+    assert _max_err(small.embed_texts(PROMPTS[:3]), scorer.embed_texts(PROMPTS[:3])) <= BATCHING_TOL
     assert scorer.embed_images(images[:0]).shape == (0, EMBED)
     assert scorer.embed_texts([]).shape == (0, EMBED)
 

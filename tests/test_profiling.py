@@ -56,6 +56,11 @@ def test_hlo_ops_categories_and_op_names():
     assert ops["gemm_fusion_dot.5"].op_name.endswith("/ff/net_2/dot_general")
     assert ops["custom_call_3"] == ops["custom-call.3"]
     assert ops["transpose_fusion"].op_name == ""
+    # Bytes moved: results (tuples whole) plus operands, each as big as its instruction's result.
+    assert ops["loop_multiply_fusion"].bytes == 2 * 8 * 64 * 2
+    assert ops["custom-call.3"].bytes == 4 * 4096 * 5 * 64 * 2 + 3 * 8 * 64 * 2
+    assert ops["cublas-gemm.1"].bytes == 64 * 64 * 2 + 1024 + 2 * 64 * 64 * 2
+    assert ops["reduce.4"].bytes == 8 * 4 + 2 * 8 * 64 * 2
 
 
 @pytest.mark.parametrize("op_name, scope", [
@@ -111,6 +116,9 @@ def test_summarize_per_run_by_category_scope_and_kernel_name():
         "bwd UNet2DConditionModel/down_blocks_0/attentions_0": 4.0, "(not in the HLO)": 4.0})
     assert [(x["op"], x["ms"], x["calls"]) for x in summary["top_ops"][:2]] == [
         ("custom-call.3", 4.0, 1), ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 3.0, 1)]
+    # Where the op is in the HLO: the MB a call moves and the TB/s that makes (10.49 MB in 4 ms).
+    assert (summary["top_ops"][0]["mb"], summary["top_ops"][0]["tb_per_s"]) == (10.49, 0.003)
+    assert "mb" not in summary["top_ops"][1]  # a library kernel known only by its name
 
 
 def test_control_flow_is_not_counted_twice():

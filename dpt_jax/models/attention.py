@@ -2,8 +2,10 @@
 
 :func:`attention` picks cuDNN's fused kernel on a GPU where it compiles for the shapes and XLA's
 attention elsewhere; :func:`attention_implementation` forces a choice while tracing (XLA for the
-benchmark's flop count, JAX's Pallas kernel for the self-attentions it takes), and
-:func:`attention_schedule` changes how cuDNN's kernel is called, not what it computes.
+benchmark's flop count, JAX's Pallas kernel for the self-attentions it takes).
+
+On an H100 (jax 0.11.2) cuDNN's kernel ran the U-Net's 4096-token self-attention (5 heads of 64,
+batch 16) at about 460 TFLOP/s forward and 480 forward+backward, 1024 tokens at about 400.
 """
 from __future__ import annotations
 
@@ -71,42 +73,13 @@ def _pallas_may_run(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> bo
             and q.shape[-1] % 64 == 0 and q.shape[1] % PALLAS_BLOCK == 0)
 
 
-# How the fused kernel is called (`attention_schedule`): "direct", one call over [B, T, N, D];
-# "heads_as_batch", each head a batch row of its own ([B*N, T, 1, D], its keys contiguous);
-# "batch_chunks", one call per slice of the batch whose keys and values fit ATTENTION_CHUNK_BYTES.
-# On an H100 the direct call ran 4096-token self-attention at ~120 TFLOP/s against ~420 at 1024
-# tokens; the other two are there to be measured against it (`dpt-jax bench --what attention`).
-ATTENTION_SCHEDULES = ("direct", "heads_as_batch", "batch_chunks")
-ATTENTION_CHUNK_BYTES = 16 * 2 ** 20
-
-
-def _scheduled_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, schedule: str,
-                         mask: Optional[jax.Array] = None) -> jax.Array:
-    if mask is not None or schedule == "direct":
-        return _attention(q, k, v, implementation, mask)
-    if schedule == "heads_as_batch":
-        batch, length, heads, head_dim = q.shape
-
-        def fold(t: jax.Array) -> jax.Array:
-            return t.transpose(0, 2, 1, 3).reshape(batch * heads, t.shape[1], 1, head_dim)
-        out = _attention(fold(q), fold(k), fold(v), implementation)
-        return out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
-    if schedule != "batch_chunks":
-        raise ValueError(f"unknown attention schedule {schedule!r}: expected one of {ATTENTION_SCHEDULES}")
-    rows = max(1, ATTENTION_CHUNK_BYTES // (2 * k[0].size * k.dtype.itemsize))
-    if rows >= q.shape[0]:
-        return _attention(q, k, v, implementation)
-    return jnp.concatenate([_attention(q[i:i + rows], k[i:i + rows], v[i:i + rows], implementation)
-                            for i in range(0, q.shape[0], rows)])
-
-
 @functools.lru_cache(maxsize=None)
-def _cudnn_compiles(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: Any, schedule: str) -> bool:
+def _cudnn_compiles(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: Any) -> bool:
     """Whether cuDNN's kernel compiles, forward and backward, for these shapes on this GPU: what it
     accepts depends on the chip and the cuDNN version. Once per shape, from the shapes alone (so
     also while another function is being traced)."""
     def loss(q, k, v):
-        return _scheduled_attention(q, k, v, "cudnn", schedule).astype(jnp.float32).sum()
+        return _attention(q, k, v, "cudnn").astype(jnp.float32).sum()
     q, k = jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(k_shape, dtype)
     try:
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k).compile()
@@ -118,7 +91,7 @@ def _cudnn_compiles(q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], dtype: A
 
 
 def _auto_implementation(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> str:
-    if mask is None and _cudnn_may_support(q) and _cudnn_compiles(q.shape, k.shape, q.dtype, _schedule):
+    if mask is None and _cudnn_may_support(q) and _cudnn_compiles(q.shape, k.shape, q.dtype):
         return "cudnn"
     return "xla"
 
@@ -144,24 +117,6 @@ def attention_implementation(name: Optional[str]) -> Iterator[None]:
         _forced_implementation = previous
 
 
-# Set by `attention_schedule` while tracing.
-_schedule = "direct"
-
-
-@contextlib.contextmanager
-def attention_schedule(name: str) -> Iterator[None]:
-    """Trace every :func:`attention` inside the block with schedule ``name`` (one of
-    ``ATTENTION_SCHEDULES``): how the kernel is called, the same result."""
-    global _schedule
-    if name not in ATTENTION_SCHEDULES:
-        raise ValueError(f"unknown attention schedule {name!r}: expected one of {ATTENTION_SCHEDULES}")
-    previous, _schedule = _schedule, name
-    try:
-        yield
-    finally:
-        _schedule = previous
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
               mask: Optional[jax.Array] = None, implementation: Optional[str] = None) -> jax.Array:
     """Multi-head scaled dot-product attention, ``q, k, v``: [batch, length, heads, head_dim].
@@ -179,4 +134,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
         if _pallas_may_run(q, k, mask):
             return pallas_flash_attention(q, k, v).astype(dtype)
         implementation = _auto_implementation(q, k, mask)
-    return _scheduled_attention(q, k, v, implementation, _schedule, mask).astype(dtype)
+    return _attention(q, k, v, implementation, mask).astype(dtype)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dpt_jax.models.attention import attention
-from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear
+from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, gelu_exact
 
 Dtype = Any
 
@@ -132,7 +132,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h, gate = Linear(2 * self.features, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x, chunks=2)
-        return h * nn.gelu(gate, approximate=False)
+        return (h.astype(jnp.float32) * gelu_exact(gate)).astype(h.dtype)
 
 
 class FeedForward(nn.Module):

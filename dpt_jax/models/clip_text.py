@@ -19,7 +19,7 @@ import numpy as np
 
 from dpt_jax import weights
 from dpt_jax.models.attention import attention
-from dpt_jax.models.layers import LayerNorm, Linear
+from dpt_jax.models.layers import LayerNorm, Linear, gelu_exact
 
 Dtype = Any
 Params = Dict[str, Any]
@@ -28,7 +28,7 @@ ROOT = "text_model"
 # transformers' ACT2FN names; its "gelu" is the exact (erf) GELU.
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": lambda x: gelu_exact(x).astype(x.dtype),
 }
 # Before transformers PR #24773 CLIP configs said eos_token_id=2 and the pooled token was the
 # largest id; transformers keeps that rule for such configs (all SD-1.x / 2.x checkpoints).

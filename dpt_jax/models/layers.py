@@ -98,7 +98,15 @@ class Conv2d(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """``torch.nn.GroupNorm`` on channels-last input, statistics in float32."""
+    """``torch.nn.GroupNorm`` on channels-last input, statistics in float32.
+
+    The statistics come from one read of ``x``: per-channel sums of ``x - x[first position]`` and
+    of its square (a reduction over the spatial axis that keeps the contiguous channels), combined
+    per group on [batch, channels]. Shifting by a value of the channel itself keeps the sum of
+    squares free of the cancellation a plain E[x^2] - E[x]^2 has when |mean| >> std. The two-pass
+    form (mean, then the mean of squared deviations over a [spatial, group-channels] window that is
+    not contiguous) read ``x`` twice and ran at about 1.1-1.3 TB/s on an H100.
+    """
     num_groups: int = 32
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -107,14 +115,30 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        shape = x.shape
-        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = xf.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
-        xf = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
-        return (xf * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        batch, per_group = x.shape[0], c // self.num_groups
+        xf = x.reshape(batch, -1, c).astype(jnp.float32)
+        positions = xf.shape[1]
+        # The result does not depend on the shift, so no gradient needs to flow through it.
+        shift = jax.lax.stop_gradient(xf[:, 0, :])
+        deviation = xf - shift[:, None, :]
+        sum_dev, sum_dev_sq = deviation.sum(axis=1), jnp.square(deviation).sum(axis=1)
+
+        def per_channel(group_values: jax.Array) -> jax.Array:
+            return jnp.repeat(group_values, per_group, axis=1)
+
+        def group_mean(channel_sums: jax.Array) -> jax.Array:
+            return channel_sums.reshape(batch, self.num_groups, per_group).sum(-1) / (positions * per_group)
+
+        mean = group_mean(sum_dev + positions * shift)
+        offset = shift - per_channel(mean)  # sum over a channel of (x - mean)^2 from its shifted sums
+        var = group_mean(sum_dev_sq + 2 * offset * sum_dev + positions * jnp.square(offset))
+        mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
+        add = bias - per_channel(mean) * mul
+        return (xf * mul[:, None, :] + add[:, None, :]).reshape(x.shape).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -137,6 +161,15 @@ class LayerNorm(nn.Module):
         if self.use_bias:
             xf = xf + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
         return xf.astype(self.dtype)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """torch's exact GELU, ``x / 2 * (1 + erf(x / sqrt(2)))``, in float32 (a caller rounds once,
+    after whatever it fuses with it). ``jax.nn.gelu(approximate=False)`` goes through ``erfc`` in
+    ``x``'s dtype: two branches of polynomials and an exp per element, which made GEGLU's gate
+    compute-bound on an H100 (1.8 TB/s), and it rounds 1/sqrt(2) to bfloat16."""
+    xf = x.astype(jnp.float32)
+    return 0.5 * xf * (1.0 + jax.lax.erf(xf * math.sqrt(0.5)))
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = False,
