@@ -25,8 +25,10 @@ CONFIG = os.path.join(REPO, "configs", "probe_tiny.py")
 LAUNCH = os.path.join(REPO, "launch")
 STEPS = 20  # long enough that a SIGTERM sent after step 1 lands before the end
 # lr 1e-4 (the official value): float32 reduction-order differences between layouts grow with lr.
+FLAGS_LR = 1e-4
 FLAGS = [f"--config.num_steps={STEPS}", f"--config.checkpoint_every={STEPS}", f"--config.eval_every={STEPS}",
-         "--config.eval_size=16", "--config.log_every=1", "--config.adapter.dropout=0.0", "--config.optim.lr=1e-4"]
+         "--config.eval_size=16", "--config.log_every=1", "--config.adapter.dropout=0.0",
+         f"--config.optim.lr={FLAGS_LR}"]
 TIMEOUT = 900
 
 
@@ -235,12 +237,21 @@ def test_two_processes_of_two_devices_match_one_process_of_four(reference, tmp_p
     print(f"2x2 stopped at {steps[0]}, resumed to {STEPS}: max |params - params(1x4)| = {diff:.1e}, "
           f"max |loss - loss(1x4)| = {loss_diff:.1e}, val {val}")
     assert sorted(got) == list(range(1, STEPS + 1))
-    # Same samples, noise and math; the all-reduce sums in another order (float32).
-    assert diff < 1e-5
-    assert loss_diff < 2e-5
+    # Same samples, noise and math: the first step, before the layouts' all-reduce orders have
+    # touched the parameters, agrees to float32 rounding (a wrong split of the data, or a sum of
+    # the gradients instead of their mean, would not: AdamW would hide the latter in the updates).
+    for key in ("loss", "grad_norm"):
+        assert abs(got[1][key] - ref[1][key]) <= 1e-6 * abs(ref[1][key]), key
+    # Later steps differ by the all-reduce's float32 summation order, which AdamW turns into up to
+    # about lr per step on a parameter whose gradient is near zero (m / sqrt(v) of noise is ~1):
+    # seen 4e-7 to 1.2e-6 over seeds 0-2 with the earlier GroupNorm and GELU, the same at seeds 1-2
+    # with the present ones, and 2.2e-5 (0.22 lr, in the ITM head) at seed 0. A wrong data split
+    # moves many lr.
+    assert diff < FLAGS_LR
+    assert loss_diff < 1e-4 * max(abs(ref[s]["loss"]) for s in ref)
     assert len(val) >= 4  # evaluate() split the rows over the processes
-    for k, (a, b) in val.items():
-        assert abs(a - b) < 1e-5, k
+    for k, (a, b) in val.items():  # 16 rows: an accuracy moves in steps of 1/16
+        assert (a == b) if k.endswith("_acc") else abs(a - b) < 1e-3 * abs(b), k
 
     _run(_local(tmp_path / "logs_report", [sys.executable, os.path.abspath(__file__), "report-params", str(workdir)]))
     reports = [json.loads(line.split("PARAMS ", 1)[1]) for i in range(2)

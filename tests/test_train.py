@@ -86,7 +86,7 @@ def _cli_train(workdir, *flags, devices=1, config="probe_tiny.py"):
 @pytest.mark.parametrize("config", ["probe_tiny.py", "tune_tiny.py"])
 def test_eight_devices_match_one_device(tmp_path, config):
     flags = ["--config.num_steps=3", "--config.eval_every=0", "--config.adapter.dropout=0.0",
-             "--config.checkpoint_every=3"]
+             "--config.checkpoint_every=3", "--config.log_every=1"]
     if config == "tune_tiny.py":  # 2 micro-batches must split over 8 devices
         flags.append("--config.batch_size=16")
     runs = {}
@@ -97,7 +97,14 @@ def test_eight_devices_match_one_device(tmp_path, config):
         runs[devices] = workdir
     diff = _max_diff(_params(runs[1]), _params(runs[8]))
     print(f"{config}: max |params(8 devices) - params(1 device)| = {diff:.2e}")
-    assert diff < 1e-5
+    # The first step agrees to float32 rounding: the same samples and math, the gradients' mean
+    # over devices (a sum, or a wrong split of the batch, would not; AdamW would hide a sum later).
+    first = [{r["step"]: r for r in read_metrics(runs[d])}[1] for d in (1, 8)]
+    for key in ("loss", "grad_norm"):
+        assert abs(first[1][key] - first[0][key]) <= 1e-6 * abs(first[0][key]), key
+    # Then the all-reduce's float32 summation order, which AdamW can turn into up to about lr per
+    # step on a parameter whose gradient is near zero: seen 4.8e-6 to 1.0e-5 with lr 1e-3.
+    assert diff < 1e-4
 
 
 def test_unknown_config_key_is_named(tmp_path):
