@@ -199,7 +199,7 @@ def _bandwidth(moved: int, seconds_per_call: float) -> Dict[str, float]:
     chip's bandwidth (an upper bound where a fusion reads only a slice of an operand)."""
     if not moved or not seconds_per_call:
         return {}
-    return dict(mb=round(moved / 1e6, 2), tb_per_s=round(moved / seconds_per_call / 1e12, 3))
+    return dict(mb=float(f"{moved / 1e6:.4g}"), tb_per_s=float(f"{moved / seconds_per_call / 1e12:.4g}"))
 
 
 def _library_category(name: str) -> str:
