@@ -282,15 +282,16 @@ def report(base: Dict[str, Any], what: str, batch: int, unit: str, timing: Timin
     return line
 
 
-def profile(run: Callable[[], Any], compiled: Any, args: argparse.Namespace, line: Dict[str, Any]) -> None:
+def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.Namespace,
+            line: Dict[str, Any]) -> None:
     """With ``--profile DIR``: where the device time of one more run goes (a JSON line with
-    ``what`` "profile"), its trace and HLO under DIR. A failure here (e.g. no CUPTI) is a
-    warning: the measurement's own line is already out."""
+    ``what`` "profile"), its trace and HLO (``hlo_text()``, asked for only here) under DIR. A
+    failure here (e.g. no CUPTI) is a warning: the measurement's own line is already out."""
     if not args.profile:
         return
     measurement = "_".join([line["what"], f"b{line['batch']}"] + ([f"eta{line['eta']}"] if "eta" in line else []))
     try:
-        summary = profiling.profile_program(run, compiled.as_text(), args.profile, measurement)
+        summary = profiling.profile_program(run, hlo_text(), args.profile, measurement)
     except Exception as error:  # noqa: BLE001 - the profile is optional, the timing is not
         print(f"warning: no profile of {measurement}: {type(error).__name__}: {error}", file=sys.stderr)
         return
@@ -319,7 +320,7 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
     timing = time_runs(run, args.iters, args.warmup)
     line = report(base, f"{stage}_step", batch, "samples_per_s", timing, compile_s, flops,
                   chip_peak(sd.unet.dtype), cache_size(step), xla_tflop=_tflop(flops_of(compiled)))
-    profile(run, compiled, args, line)
+    profile(run, compiled.as_text, args, line)
     return line
 
 
@@ -337,12 +338,13 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
     call_args = (sd.unet_params, adapter_params, z, cond, uncond, cond[:, -1])
     flops = model_flops(sample_fn, call_args, loop_steps=args.steps)
     compiled, compile_s = compile_program(sample, call_args)
+    hlo_text = compiled.as_text()  # about a second at SD shapes: made once, read twice
     # The compiled loop's body is counted once too: scale by the steps when the loop remains.
-    xla_flops = flops_of(compiled) * (args.steps if " while(" in compiled.as_text() else 1)
+    xla_flops = flops_of(compiled) * (args.steps if " while(" in hlo_text else 1)
     timing = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
     line = report(base, "sample", batch, "images_per_s", timing, compile_s, flops, chip_peak(sd.unet.dtype),
                   cache_size(sample), eta=eta, steps=args.steps, xla_tflop=_tflop(xla_flops))
-    profile(lambda: sample(*call_args), compiled, args, line)
+    profile(lambda: sample(*call_args), lambda: hlo_text, args, line)
     return line
 
 
