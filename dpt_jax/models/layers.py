@@ -135,11 +135,11 @@ class GroupNorm(nn.Module):
         def group_mean(channel_sums: jax.Array) -> jax.Array:
             return channel_sums.reshape(batch, self.num_groups, per_group).sum(-1) / (positions * per_group)
 
-        mean = group_mean(sum_dev + positions * shift)
-        offset = shift - per_channel(mean)  # sum over a channel of (x - mean)^2 from its shifted sums
+        mean = per_channel(group_mean(sum_dev + positions * shift))
+        offset = shift - mean  # sum over a channel of (x - mean)^2 from its shifted sums
         var = group_mean(sum_dev_sq + 2 * offset * sum_dev + positions * jnp.square(offset))
         mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
-        add = bias - per_channel(mean) * mul
+        add = bias - mean * mul
         return (xf * mul[:, None, :] + add[:, None, :]).reshape(x.shape).astype(self.dtype)
 
 
@@ -168,8 +168,8 @@ class LayerNorm(nn.Module):
 def gelu_exact(x: jax.Array) -> jax.Array:
     """torch's exact GELU, ``x / 2 * (1 + erf(x / sqrt(2)))``, in float32 (a caller rounds once,
     after whatever it fuses with it). ``jax.nn.gelu(approximate=False)`` goes through ``erfc`` in
-    ``x``'s dtype: two branches of polynomials and an exp per element, which made GEGLU's gate
-    compute-bound on an H100 (1.8 TB/s), and it rounds 1/sqrt(2) to bfloat16."""
+    ``x``'s dtype: two branches of polynomials and an exp per element, most likely what held GEGLU's
+    gate to 1.8 TB/s on an H100, and it rounds 1/sqrt(2) to bfloat16."""
     xf = x.astype(jnp.float32)
     return 0.5 * xf * (1.0 + jax.lax.erf(xf * math.sqrt(0.5)))
 
