@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 
 from dpt_jax import default_config, profiling, testing
-from dpt_jax.models import attention
+from dpt_jax.models import attention, layers
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.models.vae import AutoencoderKL, VAEConfig
@@ -213,11 +213,15 @@ def jaxpr_flops(jaxpr: Any, while_steps: int = 1) -> float:
 
 
 def model_flops(fn: Callable, args: Sequence[Any], loop_steps: int = 1) -> float:
-    """The model flops of ``fn`` (the MFU numerator): its matmuls and convolutions as written, from
-    its jaxpr, the same on every backend. Traced with XLA attention, so that attention counts as
-    its two matmuls rather than one opaque cuDNN call. A while loop counts ``loop_steps`` times."""
-    with attention.attention_implementation("xla"):
-        jaxpr = jax.make_jaxpr(fn)(*args)
+    """The model flops of ``fn`` (the MFU numerator): its matmuls and convolutions, from its jaxpr,
+    the same on every backend. Traced with XLA attention, so that attention counts as its two
+    matmuls rather than one opaque cuDNN call, and with factored LoRA, so that the kernel-sized
+    gradient matmuls of merged LoRA (more flops for less memory traffic) do not count as model
+    flops. A while loop counts ``loop_steps`` times."""
+    with attention.attention_implementation("xla"), layers.lora_application("factored"):
+        # A new function: JAX caches traces by function, blind to these trace-time choices, so
+        # tracing ``fn`` itself could hand this count, or a later jit of ``fn``, the other's trace.
+        jaxpr = jax.make_jaxpr(lambda *a: fn(*a))(*args)
     return jaxpr_flops(jaxpr.jaxpr, loop_steps)
 
 
@@ -299,16 +303,36 @@ def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.
     print(json.dumps(dict(base, what="profile", measurement=measurement, **summary)), flush=True)
 
 
-def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, args: argparse.Namespace,
-                 base: Dict[str, Any]) -> Dict[str, Any]:
-    """One jitted train step of ``stage`` (state donated, as in the trainer), timed."""
-    config = stage_config(stage, shapes, batch, args.dtype)
+def step_program(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dtype: str,
+                 seed: int) -> Tuple[Callable, Tuple[Any, Any, Any]]:
+    """The train step of ``stage`` and its arguments (state, frozen U-Net, a random batch)."""
+    config = stage_config(stage, shapes, batch, dtype)
     obj = build_objective(config, sd)
     optimizer = make_optimizer(config)
     state = init_state(config, sd, obj, optimizer)
-    frozen = {"unet": sd.unet_params}
-    data = train_batch(np.random.default_rng(args.seed + 1), batch, shapes, sd.unet.dtype)
+    data = train_batch(np.random.default_rng(seed + 1), batch, shapes, sd.unet.dtype)
     step_fn = functools.partial(train_step, obj, optimizer, learning_rate(config), 1)
+    return step_fn, (state, {"unet": sd.unet_params}, data)
+
+
+def sample_program(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, dtype: str, seed: int,
+                   steps: int) -> Tuple[Callable, Tuple[Any, ...]]:
+    """The sampling loop (``sampler.denoise``, guidance 7.5, self-correction ``eta``) and its
+    arguments (U-Net and adapter parameters, z_T, random text states)."""
+    obj = build_objective(stage_config("probe", shapes, batch, dtype), sd)
+    adapter_params = init_adapter_params(obj, sd, jax.random.PRNGKey(seed + 2), shapes.latent)
+    cfg = SamplerConfig(steps=steps, guidance=7.5, eta_sc=eta, taps=obj.taps)
+    rng = np.random.default_rng(seed + 3)
+    cond, uncond = (normal(rng, (batch, TEXT_LEN, shapes.text_width), sd.unet.dtype) for _ in range(2))
+    z = normal(rng, (batch, shapes.latent, shapes.latent, 4), np.float32)
+    sample_fn = functools.partial(denoise, Models(sd, obj.adapter), cfg)
+    return sample_fn, (sd.unet_params, adapter_params, z, cond, uncond, cond[:, -1])
+
+
+def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, args: argparse.Namespace,
+                 base: Dict[str, Any]) -> Dict[str, Any]:
+    """One jitted train step of ``stage`` (state donated, as in the trainer), timed."""
+    step_fn, (state, frozen, data) = step_program(sd, shapes, stage, batch, args.dtype, args.seed)
     step = jax.jit(step_fn, donate_argnums=(0,))
     flops = model_flops(step_fn, (state, frozen, data))
     compiled, compile_s = compile_program(step, (state, frozen, data))
@@ -327,15 +351,8 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
 def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, args: argparse.Namespace,
                    base: Dict[str, Any]) -> Dict[str, Any]:
     """The whole compiled sampling loop (``sampler.denoise``) from z_T to z_0, timed."""
-    obj = build_objective(stage_config("probe", shapes, batch, args.dtype), sd)
-    adapter_params = init_adapter_params(obj, sd, jax.random.PRNGKey(args.seed + 2), shapes.latent)
-    cfg = SamplerConfig(steps=args.steps, guidance=7.5, eta_sc=eta, taps=obj.taps)
-    rng = np.random.default_rng(args.seed + 3)
-    cond, uncond = (normal(rng, (batch, TEXT_LEN, shapes.text_width), sd.unet.dtype) for _ in range(2))
-    z = normal(rng, (batch, shapes.latent, shapes.latent, 4), np.float32)
-    sample_fn = functools.partial(denoise, Models(sd, obj.adapter), cfg)
+    sample_fn, call_args = sample_program(sd, shapes, eta, batch, args.dtype, args.seed, args.steps)
     sample = jax.jit(sample_fn)
-    call_args = (sd.unet_params, adapter_params, z, cond, uncond, cond[:, -1])
     flops = model_flops(sample_fn, call_args, loop_steps=args.steps)
     compiled, compile_s = compile_program(sample, call_args)
     hlo_text = compiled.as_text()  # about a second at SD shapes: made once, read twice

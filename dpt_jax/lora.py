@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpt_jax.models.layers import lora_delta
 from dpt_jax.weights import _flatten, _unflatten, path_to_torch_key
 
 Params = Dict[str, Any]
@@ -95,19 +96,13 @@ def lora_variables(lora: Params, spec: LoraSpec) -> Params:
         lambda path, x: x * spec.scale if path[-1].key == "lora_B" else x, lora)
 
 
-def _delta(a: jax.Array, b: jax.Array) -> jax.Array:
-    if a.ndim == 2:
-        return a @ b
-    return jnp.einsum("hwir,ro->hwio", a, b[0, 0])
-
-
 def merge_lora(unet_params: Params, lora: Params, spec: LoraSpec) -> Params:
     """Base weights with ``scale * A B`` added: a plain U-Net for sampling and export."""
     flat = dict(_flatten(unet_params))
     for path, factors in _modules_of(lora):
         key = path + ("kernel",)
         kernel = flat[key]
-        flat[key] = (kernel.astype(jnp.float32) + spec.scale * _delta(factors["lora_A"], factors["lora_B"])
+        flat[key] = (kernel.astype(jnp.float32) + spec.scale * lora_delta(factors["lora_A"], factors["lora_B"])
                      ).astype(kernel.dtype)
     return _unflatten(flat)
 

@@ -112,3 +112,28 @@ def test_bench_attention_lines():
             assert 0 < x["max_abs_err"] < 0.02, x
         else:
             assert "error" in x and "fwd_ms" not in x, x
+
+
+def test_model_flops_count_lora_factored():
+    # Training merges LoRA into the kernel (one matmul; its backward computes the kernel-sized
+    # gradient x^T dy). Model flops count the factored form's: x W, x A, (x A) B, and the
+    # backward's dy B^T, (x A)^T dy, x^T (dy B^T) - no kernel-sized gradient.
+    import jax
+    import jax.numpy as jnp
+    from dpt_jax.bench import jaxpr_flops, model_flops
+    from dpt_jax.models.layers import Linear
+    m, k, n, r = 64, 32, 48, 4
+    layer, x = Linear(n, use_bias=False), jnp.ones((m, k))
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+
+    def loss(a, b):
+        return layer.apply({"params": params, "lora": {"lora_A": a, "lora_B": b}}, x).sum()
+    grad = jax.grad(loss, argnums=(0, 1))
+    args = (jnp.ones((k, r)), jnp.ones((r, n)))
+    factored = 2 * m * k * n + 2 * m * k * r + 2 * m * r * n + 2 * m * n * r + 2 * r * m * n + 2 * k * m * r
+    merged = 2 * k * r * n + 2 * m * k * n + 2 * m * k * n + 2 * k * n * r + 2 * r * k * n
+    def traced_flops():
+        return jaxpr_flops(jax.make_jaxpr(grad)(*args).jaxpr)
+    assert traced_flops() == merged  # what runs
+    assert model_flops(grad, args) == factored  # not handed the cached merged trace of ``grad``
+    assert traced_flops() == merged  # nor did it leave its factored trace behind

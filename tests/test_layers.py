@@ -19,7 +19,7 @@ import torch
 from scipy.special import erf
 
 from dpt_jax.models.blocks import GEGLU
-from dpt_jax.models.layers import GroupNorm, gelu_exact
+from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, gelu_exact, lora_application
 
 
 def _torch_group_norm(x: np.ndarray, groups: int, scale: np.ndarray, bias: np.ndarray, weights: np.ndarray,
@@ -92,3 +92,44 @@ def test_geglu_bfloat16_rounds_once():
     ref = h * 0.5 * gate * (1 + erf(gate / np.sqrt(2)))
     rounded = np.asarray(jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16), np.float64)
     assert np.mean(out == rounded) >= 0.9
+
+
+def _lora_layer_outputs_and_grads(layer, x, a, b, application):
+    """The output of a LoRA ``layer`` and the gradients of sum(output * w) with respect to x, A, B."""
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    w = jax.random.normal(jax.random.PRNGKey(5), jax.eval_shape(layer.apply, {"params": params}, x).shape)
+
+    def loss(x, a, b):
+        out = layer.apply({"params": params, "lora": {"lora_A": a, "lora_B": b}}, x)
+        return (out * w).sum(), out
+    with lora_application(application):
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, a, b)
+    base = layer.apply({"params": params}, x)
+    return np.asarray(out), [np.asarray(g) for g in grads], np.asarray(base)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "strided conv"])
+def test_lora_merged_equals_factored_with_gradients(kind):
+    # Merged (W + A B, one matmul) is what training runs; factored (x W + (x A) B) is the flop count's
+    # trace. They must be the same function with the same gradients; float32 rounding apart (~1e-7).
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    if kind == "linear":
+        layer, x = Linear(24), jax.random.normal(keys[0], (2, 10, 16))
+        a, b = jax.random.normal(keys[1], (16, 4)), jax.random.normal(keys[2], (4, 24)) * 0.3
+    else:
+        layer = Conv2d(24, stride=2 if kind == "strided conv" else 1)
+        x = jax.random.normal(keys[0], (2, 9, 9, 16))
+        a, b = jax.random.normal(keys[1], (3, 3, 16, 4)) * 0.3, jax.random.normal(keys[2], (1, 1, 4, 24)) * 0.3
+    merged, merged_grads, base = _lora_layer_outputs_and_grads(layer, x, a, b, "merged")
+    factored, factored_grads, _ = _lora_layer_outputs_and_grads(layer, x, a, b, "factored")
+    assert np.abs(merged - base).max() > 0.1 * np.abs(base).max(), "the LoRA update did not reach the output"
+    np.testing.assert_allclose(merged, factored, rtol=0, atol=2e-6 * np.abs(factored).max())
+    for name, m, f in zip(("x", "A", "B"), merged_grads, factored_grads):
+        assert np.abs(f).max() > 0, name
+        np.testing.assert_allclose(m, f, rtol=0, atol=2e-6 * np.abs(f).max(), err_msg=f"d{name}")
+
+
+def test_lora_application_names_the_choices():
+    with pytest.raises(ValueError, match="'fused'.*merged.*factored"):
+        with lora_application("fused"):
+            pass

@@ -13,6 +13,8 @@ import pytest
 from dpt_jax import load_pretrained
 from dpt_jax.data import batches
 from dpt_jax.default_config import tiny
+from dpt_jax.models.layers import LORA_APPLICATIONS, lora_application
+from dpt_jax.pipeline import unet_forward
 from dpt_jax.lora import LoraSpec, init_lora, lora_module_names, lora_variables, merge_lora, target_modules
 from dpt_jax.train import build_objective, init_state, learning_rate, make_dataset, train_step
 from dpt_jax.weights import _flatten, _unflatten
@@ -49,6 +51,14 @@ def _run(sd, inputs, params=None, lora=None):
     return np.asarray(eps), np.asarray(taps[TAP])
 
 
+def _run_traced_anew(sd, inputs, lora):
+    """(eps, tap) with LoRA from a new trace: ``sd.unet_apply``'s jit would reuse a trace made
+    under another ``lora_application``."""
+    latents, t, hidden = inputs
+    eps, taps = jax.jit(lambda: unet_forward(sd.unet, sd.unet_params, lora, latents, t, hidden, (TAP,)))()
+    return np.asarray(eps), np.asarray(taps[TAP])
+
+
 def _rel_err(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
@@ -68,15 +78,18 @@ def test_zero_b_equals_base_bitwise(sd, inputs):
     # Linear and conv targets, including a strided conv (downsamplers use stride 2).
     ("ff.net.0.proj", "proj_in", "conv1", "downsamplers.0.conv"),
 ])
-def test_merged_equals_unmerged(sd, inputs, targets):
+@pytest.mark.parametrize("application", LORA_APPLICATIONS)
+def test_merged_equals_unmerged(sd, inputs, targets, application):
     spec = LoraSpec(rank=4, alpha=8.0, targets=targets)  # scale 2: the scale must reach both paths
     lora = _randomize_b(init_lora(sd.unet_params, spec, jax.random.PRNGKey(0)), seed=1)
     base = _run(sd, inputs)
-    unmerged = _run(sd, inputs, lora=lora_variables(lora, spec))
+    with lora_application(application):
+        unmerged = _run_traced_anew(sd, inputs, lora_variables(lora, spec))
     merged = _run(sd, inputs, params=merge_lora(sd.unet_params, lora, spec))
     for name, b, u, m in zip(("eps", TAP), base, unmerged, merged):
         change, err = _rel_err(u, b), _rel_err(m, u)
-        print(f"{targets} {name}: LoRA changes the output by {change:.3f} (rel.), merged vs unmerged {err:.2e}")
+        print(f"{targets} {application} {name}: LoRA changes the output by {change:.3f} (rel.), "
+              f"vs merged weights {err:.2e}")
         assert change > 1e-2, "LoRA did not change the output: the factors are not applied"
         # float32: W x + (x A) B vs (W + A B) x differ only by rounding (measured ~1e-7).
         assert err < 1e-5

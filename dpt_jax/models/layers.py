@@ -5,13 +5,15 @@ PyTorch state-dict key (``down_blocks.0.attentions.1.to_q.weight`` lives at
 ``params/down_blocks_0/attentions_1/to_q/kernel``); :mod:`dpt_jax.weights` relies on that.
 
 ``Linear`` and ``Conv2d`` read optional LoRA factors from the ``lora`` variable collection
-(``lora_A``, ``lora_B``, already multiplied by alpha / rank): the frozen base weights stay in
-``params`` and the low-rank update is applied as two thin matmuls, never as a dense delta.
+(``lora_A``, ``lora_B``, already multiplied by alpha / rank); the frozen base weights stay in
+``params``. By default the update is merged into the kernel, ``W + A B`` (in float32, then cast
+to the compute dtype), and the layer runs one matmul or convolution: :func:`lora_application`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,60 @@ import flax.linen as nn
 Dtype = Any
 
 LORA = "lora"
+LORA_APPLICATIONS = ("merged", "factored")
+_lora_application = "merged"
+
+
+@contextlib.contextmanager
+def lora_application(name: str) -> Iterator[None]:
+    """Trace the LoRA layers inside the block with ``name``:
+
+    - 'merged' (the default): one matmul with the kernel ``W + A B``. The backward pass then
+      computes the kernel's full gradient ``x^T dy`` (one matmul as large as the forward one)
+      and A's and B's from it.
+    - 'factored': ``x W + (x A) B``: no kernel-sized gradient, but x read again for ``x A``, a
+      pass adding the branch to the output, thin memory-bound matmuls, and more of the same in
+      the backward pass.
+
+    On the SD-2.1 tune step (batch 4, LoRA r4 on the attention projections), merged moved 4.5 GB
+    less through memory-bound ops and 5.6 GB less through matmuls (an H100 compile, read off its
+    HLO) for 1.27 TFLOP more (27.13 vs 25.86). The benchmark counts its model flops 'factored':
+    the flops LoRA needs, so the extra matmuls do not raise the MFU.
+
+    In bfloat16 the merged kernel is rounded once: where the update is below half a bf16 step of
+    a weight, rounding moves that weight by a whole step or not at all, right on average over the
+    weights (as rounding W alone already is). A's and B's gradients come from the same dy and x
+    either way. The choice is read while tracing: a jitted function already traced keeps it.
+    """
+    if name not in LORA_APPLICATIONS:
+        raise ValueError(f"unknown LoRA application {name!r}: expected one of {LORA_APPLICATIONS}")
+    global _lora_application
+    previous, _lora_application = _lora_application, name
+    try:
+        yield
+    finally:
+        _lora_application = previous
+
+
+def _lora_factors(module: nn.Module) -> Any:
+    """(A, B) from the ``lora`` collection, or None."""
+    if not module.has_variable(LORA, "lora_A"):
+        return None
+    return module.get_variable(LORA, "lora_A"), module.get_variable(LORA, "lora_B")
+
+
+def lora_delta(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The kernel update ``A B`` in the kernel's layout: [in, out] for a Linear, HWIO for a conv
+    (A a conv into r channels, B a 1x1 conv out of them, as PEFT's conv LoRA)."""
+    if a.ndim == 2:
+        return a @ b
+    return jnp.einsum("hwir,ro->hwio", a, b[0, 0])
+
+
+def _merged(kernel: jax.Array, factors: Any, dtype: Dtype) -> jax.Array:
+    if factors is None or _lora_application != "merged":
+        return kernel.astype(dtype)
+    return (kernel.astype(jnp.float32) + lora_delta(*factors).astype(jnp.float32)).astype(dtype)
 
 
 class Linear(nn.Module):
@@ -36,15 +92,15 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, chunks: int = 1) -> Any:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                            self.param_dtype).astype(self.dtype)
+        factors = _lora_factors(self)
+        kernel = _merged(self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                                    self.param_dtype), factors, self.dtype)
         bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
                 if self.use_bias else None)
         x = x.astype(self.dtype)
         lora = None
-        if self.has_variable(LORA, "lora_A"):
-            lora = (jnp.dot(x, self.get_variable(LORA, "lora_A").astype(self.dtype)),
-                    self.get_variable(LORA, "lora_B").astype(self.dtype))
+        if factors is not None and _lora_application == "factored":
+            lora = (jnp.dot(x, factors[0].astype(self.dtype)), factors[1].astype(self.dtype))
         if self.features % chunks:
             raise ValueError(f"{self.features} features do not split into {chunks} equal chunks")
         width = self.features // chunks
@@ -83,16 +139,16 @@ class Conv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
-                            self.param_dtype)
+        factors = _lora_factors(self)
+        kernel = _merged(self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+                                    self.param_dtype), factors, self.dtype)
         x = x.astype(self.dtype)
         out = self._conv(x, kernel, self.stride, self.padding)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             out = out + bias.astype(self.dtype)
-        if self.has_variable(LORA, "lora_A"):
-            a = self.get_variable(LORA, "lora_A")
-            b = self.get_variable(LORA, "lora_B")
+        if factors is not None and _lora_application == "factored":
+            a, b = factors
             out = out + self._conv(self._conv(x, a, self.stride, self.padding), b, 1, 0)
         return out
 
