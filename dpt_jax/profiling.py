@@ -79,15 +79,22 @@ def _category(opcode: str, line: str, called_opcodes: Iterable[str]) -> str:
     return "other"
 
 
-def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
-    """Every instruction of an optimised HLO module (``compiled.as_text()``) by name, also under
-    the name XLA gives its kernel ('.' and '-' as '_'). A fusion without an ``op_name`` of its own
-    takes that of an instruction inside it (its root's where it has one)."""
-    opcodes: Dict[str, List[str]] = collections.defaultdict(list)  # computation -> its opcodes
-    inner_op_name: Dict[str, str] = {}  # computation -> an op_name inside it
-    instructions: List[Tuple[str, str, str]] = []  # name, opcode, line
-    result_bytes: Dict[str, int] = {}
-    operands: Dict[str, List[str]] = {}
+# Ops through which a fused parameter may pass on its way to a slice and still be read only there.
+_SLICE_PASSTHROUGH = {"bitcast", "convert", "reshape"}
+_SLICES = {"slice", "dynamic-slice"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    opcode: str
+    operands: Tuple[str, ...]
+    result_bytes: int
+    line: str
+
+
+def _computations(hlo_text: str) -> Dict[str, List[_Instruction]]:
+    computations: Dict[str, List[_Instruction]] = collections.defaultdict(list)
     current = ""
     for line in hlo_text.splitlines():
         if not line.startswith(" "):
@@ -95,25 +102,110 @@ def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
             current = match.group(1) if match else current
             continue
         match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, result_type, opcode, arguments = match.groups()
-        opcodes[current].append(opcode)
-        instructions.append((name, opcode, line))
-        result_bytes[name] = _type_bytes(result_type)
-        operands[name] = re.findall(r"%([\w.\-]+)", arguments.split(")")[0])
-        op_name = _op_name(line)
-        if op_name and (current not in inner_op_name or line.lstrip().startswith("ROOT")):
-            inner_op_name[current] = op_name
+        if match:
+            name, result_type, opcode, arguments = match.groups()
+            operands = tuple(re.findall(r"%([\w.\-]+)", arguments.split(")")[0]))
+            computations[current].append(_Instruction(name, opcode, operands, _type_bytes(result_type), line))
+    return computations
+
+
+def _sliced_reads(fused: List[_Instruction]) -> Dict[int, int]:
+    """Bytes read of each parameter of a fused computation that is read only through slices
+    (possibly after bitcasts, converts, reshapes): the slices' sizes, not the parameter's."""
+    users: Dict[str, List[_Instruction]] = collections.defaultdict(list)
+    for instruction in fused:
+        for operand in instruction.operands:
+            users[operand].append(instruction)
+
+    def read(name: str, depth: int = 0) -> Optional[int]:
+        total = 0
+        for user in users.get(name, ()):
+            if user.opcode in _SLICES:
+                total += user.result_bytes
+            elif user.opcode in _SLICE_PASSTHROUGH and depth < 8:
+                inner = read(user.name, depth + 1)
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total if users.get(name) else None
+    reads = {}
+    for instruction in fused:
+        if instruction.opcode == "parameter":
+            moved = read(instruction.name)
+            if moved is not None:
+                reads[int(re.search(r"parameter\((\d+)\)", instruction.line).group(1))] = moved
+    return reads
+
+
+def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
+    """Every instruction of an optimised HLO module (``compiled.as_text()``) by name, also under
+    the name XLA gives its kernel ('.' and '-' as '_'). A fusion without an ``op_name`` of its own
+    takes that of an instruction inside it (its root's where it has one). A fusion's bytes count an
+    operand it reads only through slices as those slices."""
+    computations = _computations(hlo_text)
+    inner_op_name: Dict[str, str] = {}  # computation -> an op_name inside it
+    for computation, instructions in computations.items():
+        for instruction in instructions:
+            op_name = _op_name(instruction.line)
+            if op_name and (computation not in inner_op_name or instruction.line.lstrip().startswith("ROOT")):
+                inner_op_name[computation] = op_name
+    result_bytes = {i.name: i.result_bytes for instructions in computations.values() for i in instructions}
     ops = {}
-    for name, opcode, line in instructions:
-        called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
-        op_name = _op_name(line) or next((inner_op_name[c] for c in called if c in inner_op_name), "")
-        moved = result_bytes[name] + sum(result_bytes.get(operand, 0) for operand in operands[name])
-        op = HloOp(_category(opcode, line, [op for c in called for op in opcodes.get(c, ())]), op_name, moved)
-        ops[name] = op
-        ops.setdefault(re.sub(r"[.\-]", "_", name), op)
+    for instructions in computations.values():
+        for instruction in instructions:
+            called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", instruction.line)
+            op_name = _op_name(instruction.line) or next((inner_op_name[c] for c in called if c in inner_op_name), "")
+            sliced = _sliced_reads(computations[called[0]]) if instruction.opcode == "fusion" and called else {}
+            moved = instruction.result_bytes + sum(sliced.get(i, result_bytes.get(operand, 0))
+                                                   for i, operand in enumerate(instruction.operands))
+            category = _category(instruction.opcode, instruction.line,
+                                 [i.opcode for c in called for i in computations.get(c, ())])
+            op = HloOp(category, op_name, moved)
+            ops[instruction.name] = op
+            ops.setdefault(re.sub(r"[.\-]", "_", instruction.name), op)
     return ops
+
+
+# Executed instructions that launch nothing of their own.
+_NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier",
+                 "partition-id", "replica-id"} | CONTROL_OPCODES
+MEMORY_BOUND = ("elementwise", "reduce", "copy", "other")
+
+
+def hlo_traffic(hlo_text: str) -> Dict[str, Any]:
+    """What an optimised HLO module moves through memory, read off the HLO alone (no device, no
+    run): the executed instructions (those of the entry computation and of loop bodies, not the
+    inside of fusions) by category, with the bytes they read and write. A loop body counts once.
+
+    ``memory_bound_gb`` totals the elementwise, reduce and copy kinds: those run at the memory's
+    bandwidth, so less of it is less time, where matmuls, convolutions and attention are bound by
+    their arithmetic as much. Compiled for a GPU without one (``launch/gpu_hlo.py``) this shows
+    what a change does to a program on that GPU before it runs there."""
+    computations = _computations(hlo_text)
+    inside = set()
+    for instructions in computations.values():
+        for instruction in instructions:
+            if instruction.opcode == "fusion" or "to_apply=" in instruction.line:
+                inside.update(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", instruction.line))
+    ops = hlo_ops(hlo_text)
+    count: Dict[str, int] = collections.Counter()
+    moved: Dict[str, int] = collections.Counter()
+    for computation, instructions in computations.items():
+        if computation in inside:
+            continue
+        for instruction in instructions:
+            if instruction.opcode in _NOT_LAUNCHED:
+                continue
+            op = ops[instruction.name]
+            count[op.category] += 1
+            moved[op.category] += op.bytes
+    memory_bound = sum(moved[c] for c in MEMORY_BOUND)
+    return dict(memory_bound_gb=round(memory_bound / 1e9, 3), memory_bound_bytes=memory_bound,
+                memory_bound_ops=sum(count[c] for c in MEMORY_BOUND),
+                by_category_gb={c: round(moved[c] / 1e9, 3) for c in sorted(moved, key=lambda c: -moved[c])},
+                ops_by_category=dict(sorted(count.items(), key=lambda kv: -kv[1])))
 
 
 def _op_name(line: str) -> str:

@@ -134,3 +134,70 @@ def test_cli_names_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         profiling.main([str(tmp_path / "none.xplane.pb"), str(tmp_path / "none.hlo.txt")])
     assert "no such file" in capsys.readouterr().err
+
+
+# A loop whose body runs a fusion that reads its input only through a slice (GroupNorm's shift),
+# a fusion that reads the same input whole, and a reduction with its reducer.
+LOOP_HLO = """HloModule jit_denoise, is_scheduled=true
+
+%fused_shift (p0: bf16[4,1024,320]) -> f32[4,320] {
+  %p0 = bf16[4,1024,320]{2,1,0} parameter(0)
+  %convert.1 = f32[4,1024,320]{2,1,0} convert(%p0)
+  %slice.1 = f32[4,1,320]{2,1,0} slice(%convert.1), slice={[0:4], [0:1], [0:320]}
+  ROOT %bitcast.1 = f32[4,320]{1,0} bitcast(%slice.1)
+}
+
+%fused_scale (p0.1: bf16[4,1024,320], p1.1: f32[4,320]) -> bf16[4,1024,320] {
+  %p0.1 = bf16[4,1024,320]{2,1,0} parameter(0)
+  %p1.1 = f32[4,320]{1,0} parameter(1)
+  %slice.2 = bf16[4,1,320]{2,1,0} slice(%p0.1), slice={[0:4], [0:1], [0:320]}
+  %broadcast.2 = bf16[4,1024,320]{2,1,0} broadcast(%slice.2), dimensions={0,1,2}
+  ROOT %multiply.2 = bf16[4,1024,320]{2,1,0} multiply(%p0.1, %broadcast.2)
+}
+
+%region_add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.9 = f32[] add(%a, %b)
+}
+
+%body (state: (s32[], bf16[4,1024,320])) -> (s32[], bf16[4,1024,320]) {
+  %state = (s32[], bf16[4,1024,320]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %x = bf16[4,1024,320]{2,1,0} get-tuple-element(%state), index=1
+  %shift_fusion = f32[4,320]{1,0} fusion(%x), kind=kLoop, calls=%fused_shift
+  %scale_fusion = bf16[4,1024,320]{2,1,0} fusion(%x, %shift_fusion), kind=kLoop, calls=%fused_scale
+  %reduce.3 = f32[4]{0} reduce(%shift_fusion, %shift_fusion), dimensions={1}, to_apply=%region_add
+  ROOT %tuple.4 = (s32[], bf16[4,1024,320]{2,1,0}) tuple(%i, %scale_fusion)
+}
+
+%cond (state.1: (s32[], bf16[4,1024,320])) -> pred[] {
+  %state.1 = (s32[], bf16[4,1024,320]{2,1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%state.1), index=0
+  %constant.5 = s32[] constant(50)
+  ROOT %compare.6 = pred[] compare(%i.1, %constant.5), direction=LT
+}
+
+ENTRY %main.7 (Arg_0.1: bf16[4,1024,320]) -> (s32[], bf16[4,1024,320]) {
+  %Arg_0.1 = bf16[4,1024,320]{2,1,0} parameter(0)
+  %constant.8 = s32[] constant(0)
+  %tuple.9 = (s32[], bf16[4,1024,320]{2,1,0}) tuple(%constant.8, %Arg_0.1)
+  ROOT %while.10 = (s32[], bf16[4,1024,320]{2,1,0}) while(%tuple.9), condition=%cond, body=%body
+}
+"""
+
+
+def test_hlo_traffic_counts_executed_ops_and_sliced_reads():
+    x, stats, slice_f32 = 4 * 1024 * 320 * 2, 4 * 320 * 4, 4 * 320 * 4
+    ops = profiling.hlo_ops(LOOP_HLO)
+    assert ops["shift_fusion"].bytes == slice_f32 + stats  # x read through its slice only
+    assert ops["scale_fusion"].bytes == x + stats + x  # x also read whole: counted whole
+    traffic = profiling.hlo_traffic(LOOP_HLO)
+    # The body's two fusions and reduction, and the loop condition's compare; not what runs inside
+    # a fusion or reducer, nor parameters, tuples and the while itself.
+    assert traffic["ops_by_category"] == {"elementwise": 2, "reduce": 1, "other": 1}
+    moved = (slice_f32 + stats) + (2 * x + stats) + (4 * 4 + 2 * stats) + (1 + 4 + 4)
+    assert traffic["memory_bound_bytes"] == moved
+    assert traffic["memory_bound_ops"] == 4
+    assert profiling.hlo_traffic(HLO)["by_category_gb"].keys() == {"elementwise", "attention", "matmul", "reduce",
+                                                                    "copy"}
