@@ -107,15 +107,20 @@ class Attention(nn.Module):
         if self.norm_num_groups is not None:
             x = GroupNorm(self.norm_num_groups, self.eps, name="group_norm", **kw)(x)
         x = x.reshape(shape[0], -1, shape[-1])
-        context = x if context is None else context
         inner = self.heads * self.dim_head
 
         def heads(t: jax.Array) -> jax.Array:
             return t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
 
+        if context is None:
+            # Three names for x: XLA's DotMerger would otherwise join the projections sharing x
+            # into one matmul and copy q, k and v out of its output for the attention kernel.
+            x, key_input, value_input = jax.lax.optimization_barrier((x, x, x))
+        else:
+            key_input = value_input = context
         q = heads(Linear(inner, use_bias=self.bias, name="to_q", **kw)(x))
-        k = heads(Linear(inner, use_bias=self.bias, name="to_k", **kw)(context))
-        v = heads(Linear(inner, use_bias=self.bias, name="to_v", **kw)(context))
+        k = heads(Linear(inner, use_bias=self.bias, name="to_k", **kw)(key_input))
+        v = heads(Linear(inner, use_bias=self.bias, name="to_v", **kw)(value_input))
         out = attention(q, k, v, upcast=self.upcast).reshape(shape[0], -1, inner)
         out = Linear(shape[-1], name="to_out_0", **kw)(out).reshape(shape)
         if self.residual_connection:
