@@ -241,11 +241,23 @@ class Trainer:
                 size = latent_size(config, self.sd)
                 data.check_compatible((size, size, self.sd.unet.config.in_channels), self.sd.text_width)
         replicated = parallel.replicated(self.mesh)
-        step = functools.partial(train_step, self.objective, self.optimizer, self.schedule, config.grad_accum)
-        self.step_fn = jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+        self._step_fn = functools.partial(train_step, self.objective, self.optimizer, self.schedule,
+                                          config.grad_accum)
+        self._compiled_step: Optional[Any] = None
         self.eval_fn = jax.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)
         self.ckpt = checkpoints.Manager(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                         config.keep_checkpoints)
+
+    def step(self, state: TrainState, batch: Dict[str, jax.Array]) -> Tuple[TrainState, Dict[str, jax.Array]]:
+        """One train step (``state`` donated). The first call compiles it, the frozen weights'
+        layout left to XLA (``parallel.compile_with_frozen_layouts``), and lays ``self.frozen`` out
+        so; the program then runs as compiled, no retracing."""
+        if self._compiled_step is None:
+            replicated = parallel.replicated(self.mesh)
+            self._compiled_step, self.frozen = parallel.compile_with_frozen_layouts(
+                self._step_fn, (state, self.frozen, batch), frozen_argnum=1, donate_argnums=(0,),
+                out_shardings=(replicated, replicated))
+        return self._compiled_step(state, self.frozen, batch)
 
     def initial_state(self) -> TrainState:
         state = parallel.replicate(init_state(self.config, self.sd, self.objective, self.optimizer), self.mesh)
@@ -309,7 +321,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     try:
         with trainer.mesh:
             for step in range(start, config.num_steps):
-                state, metrics = trainer.step_fn(state, trainer.frozen, trainer.global_batch(step))
+                state, metrics = trainer.step(state, trainer.global_batch(step))
                 pending.append(metrics)
                 done = step + 1
                 if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):

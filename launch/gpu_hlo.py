@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from jax._src.cudnn import fused_attention_stablehlo  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from dpt_jax import bench, profiling  # noqa: E402
+from dpt_jax import bench, parallel, profiling  # noqa: E402
 from dpt_jax.models import attention  # noqa: E402
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
@@ -90,7 +90,9 @@ def main() -> None:
         name, fn, donate, call_args = program(sd, shapes, item)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), call_args)
         start = time.perf_counter()
-        hlo = jax.jit(fn, donate_argnums=donate).lower(*abstract).compile().as_text()
+        # The train steps as the trainer compiles them: the frozen weights' layout left to XLA.
+        in_shardings = parallel.layouts_left_to_xla(abstract, 1) if donate else None
+        hlo = jax.jit(fn, in_shardings=in_shardings, donate_argnums=donate).lower(*abstract).compile().as_text()
         line = dict(what="gpu_hlo", target=args.target, measurement=name, jax=jax.__version__,
                     compile_s=round(time.perf_counter() - start, 1), **profiling.hlo_traffic(hlo))
         if args.out:
