@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -75,8 +76,6 @@ def check_divisible(global_batch_size: int, mesh: Mesh, what: str = "batch_size"
 def layouts_left_to_xla(args: Sequence[Any], argnum: int) -> Tuple[Any, ...]:
     """``in_shardings`` for ``args``: each leaf's own sharding, with the memory layout of
     ``args[argnum]``'s leaves left to XLA (``Layout.AUTO``)."""
-    from jax.experimental.layout import Format, Layout
-
     def sharding(x: Any) -> Any:
         return getattr(x, "sharding", None)
     return tuple(jax.tree_util.tree_map(lambda x: Format(Layout.AUTO, sharding(x)) if i == argnum else sharding(x), arg)
@@ -102,7 +101,6 @@ def compile_with_frozen_layouts(fn: Callable, args: Sequence[Any], frozen_argnum
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args[frozen_argnum])
     compiled = jax.jit(fn, in_shardings=layouts_left_to_xla(args, frozen_argnum), out_shardings=out_shardings,
                        donate_argnums=donate_argnums).lower(*abstract).compile()
-    from jax.experimental.layout import Format
 
     def lay_out(x: jax.Array, wanted: Any) -> jax.Array:
         # Each array keeps its own sharding; only its layout changes, where it has to.
