@@ -139,12 +139,20 @@ def _sliced_reads(fused: List[_Instruction]) -> Dict[int, int]:
     return reads
 
 
+def _called(line: str) -> List[str]:
+    """The computations an instruction calls: a fusion's body, a reduction's reducer."""
+    return re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
+
+
 def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
     """Every instruction of an optimised HLO module (``compiled.as_text()``) by name, also under
     the name XLA gives its kernel ('.' and '-' as '_'). A fusion without an ``op_name`` of its own
     takes that of an instruction inside it (its root's where it has one). A fusion's bytes count an
     operand it reads only through slices as those slices."""
-    computations = _computations(hlo_text)
+    return _ops(_computations(hlo_text))
+
+
+def _ops(computations: Dict[str, List[_Instruction]]) -> Dict[str, HloOp]:
     inner_op_name: Dict[str, str] = {}  # computation -> an op_name inside it
     for computation, instructions in computations.items():
         for instruction in instructions:
@@ -155,7 +163,7 @@ def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
     ops = {}
     for instructions in computations.values():
         for instruction in instructions:
-            called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", instruction.line)
+            called = _called(instruction.line)
             op_name = _op_name(instruction.line) or next((inner_op_name[c] for c in called if c in inner_op_name), "")
             sliced = _sliced_reads(computations[called[0]]) if instruction.opcode == "fusion" and called else {}
             moved = instruction.result_bytes + sum(sliced.get(i, result_bytes.get(operand, 0))
@@ -184,12 +192,10 @@ def hlo_traffic(hlo_text: str) -> Dict[str, Any]:
     their arithmetic as much. Compiled for a GPU without one (``launch/gpu_hlo.py``) this shows
     what a change does to a program on that GPU before it runs there."""
     computations = _computations(hlo_text)
-    inside = set()
-    for instructions in computations.values():
-        for instruction in instructions:
-            if instruction.opcode == "fusion" or "to_apply=" in instruction.line:
-                inside.update(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", instruction.line))
-    ops = hlo_ops(hlo_text)
+    inside = {called for instructions in computations.values() for instruction in instructions
+              if instruction.opcode == "fusion" or "to_apply=" in instruction.line
+              for called in _called(instruction.line)}
+    ops = _ops(computations)
     count: Dict[str, int] = collections.Counter()
     moved: Dict[str, int] = collections.Counter()
     for computation, instructions in computations.items():
@@ -288,7 +294,8 @@ def summarize(events: Iterable[Tuple[str, str, float]], ops: Dict[str, HloOp], r
 
 def _bandwidth(moved: int, seconds_per_call: float) -> Dict[str, float]:
     """MB an op moves per call and the TB/s that makes: how far a memory-bound op is from the
-    chip's bandwidth (an upper bound where a fusion reads only a slice of an operand)."""
+    chip's bandwidth (an upper bound where a fusion reads only part of an operand other than
+    through a slice)."""
     if not moved or not seconds_per_call:
         return {}
     return dict(mb=float(f"{moved / 1e6:.4g}"), tb_per_s=float(f"{moved / seconds_per_call / 1e12:.4g}"))
