@@ -78,6 +78,11 @@ def _merged(kernel: jax.Array, factors: Any, dtype: Dtype) -> jax.Array:
     return (kernel.astype(jnp.float32) + lora_delta(*factors).astype(jnp.float32)).astype(dtype)
 
 
+def _branch_factors(factors: Any) -> Any:
+    """The factors a layer applies as a branch beside its kernel: only when 'factored'."""
+    return factors if _lora_application == "factored" else None
+
+
 class Linear(nn.Module):
     """``torch.nn.Linear`` (kernel stored [in, out]) with an optional LoRA branch.
 
@@ -98,9 +103,9 @@ class Linear(nn.Module):
         bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
                 if self.use_bias else None)
         x = x.astype(self.dtype)
-        lora = None
-        if factors is not None and _lora_application == "factored":
-            lora = (jnp.dot(x, factors[0].astype(self.dtype)), factors[1].astype(self.dtype))
+        branch, lora = _branch_factors(factors), None
+        if branch is not None:
+            lora = (jnp.dot(x, branch[0].astype(self.dtype)), branch[1].astype(self.dtype))
         if self.features % chunks:
             raise ValueError(f"{self.features} features do not split into {chunks} equal chunks")
         width = self.features // chunks
@@ -147,8 +152,9 @@ class Conv2d(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             out = out + bias.astype(self.dtype)
-        if factors is not None and _lora_application == "factored":
-            a, b = factors
+        branch = _branch_factors(factors)
+        if branch is not None:
+            a, b = branch
             out = out + self._conv(self._conv(x, a, self.stride, self.padding), b, 1, 0)
         return out
 
