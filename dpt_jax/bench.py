@@ -32,6 +32,7 @@ where the device time of one more run goes) and its trace and HLO in DIR.
     python -m dpt_jax.bench --what tune --batch 4 --profile /tmp/profile
     python -m dpt_jax.bench --what attention --batch 16                # the kernel alone
     python -m dpt_jax.bench --what tune,sample --attention-implementation pallas_mgpu
+    python -m dpt_jax.bench --what tune,sample --triton-gemm         # XLA's Triton matmuls on a GPU
 """
 from __future__ import annotations
 
@@ -357,7 +358,7 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
                    base: Dict[str, Any]) -> Dict[str, Any]:
     """The whole compiled sampling loop (``sampler.denoise``) from z_T to z_0, timed."""
     sample_fn, call_args = sample_program(sd, shapes, eta, batch, args.dtype, args.seed, args.steps)
-    sample = jax.jit(sample_fn)
+    sample = parallel.jit(sample_fn)
     flops = model_flops(sample_fn, call_args, loop_steps=args.steps)
     compiled, compile_s = compile_program(sample, call_args)
     hlo_text = compiled.as_text()  # about a second at SD shapes: made once, read twice
@@ -439,6 +440,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
     parser.add_argument("--attention-implementation", default="auto", choices=("auto", "pallas_mgpu"),
                         help="pallas_mgpu: JAX's Pallas flash attention for the self-attentions it takes (Hopper)")
+    parser.add_argument("--triton-gemm", action="store_true", help="let XLA use Triton for matmuls on a GPU "
+                        "(off in dpt_jax.parallel.XLA_OPTIONS: cuBLAS then takes each matmul's residual add)")
     parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
                         "device time goes (a 'profile' JSON line), the trace and HLO written to DIR")
     args = parser.parse_args(argv)
@@ -461,11 +464,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     # The random SD-2.1 weights (seconds to make) only where a measurement runs the U-Net.
     sd = bench_sd(shapes, dtype, args.seed) if set(args.what) - {"attention"} else None
     base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__,
-                attention_implementation=args.attention_implementation)
+                attention_implementation=args.attention_implementation, triton_gemm=args.triton_gemm)
     lines = []
     implementation = None if args.attention_implementation == "auto" else args.attention_implementation
     # Around the timed calls too: a call that traced again outside would be another program.
-    with attention.attention_implementation(implementation):
+    with attention.attention_implementation(implementation), \
+            parallel.xla_options(xla_gpu_enable_triton_gemm=args.triton_gemm):
         for what in args.what:
             default = ATTENTION_BATCHES if what == "attention" else DEFAULT_BATCHES[what]
             for batch in [int(b) for b in args.batch.split(",")] if args.batch else default:

@@ -62,7 +62,7 @@ def evaluate_discriminative(obj: Objective, trainable: Any, frozen: Any, dataset
                             draws: int = 1) -> Dict[str, Any]:
     """ITM and REC over the first ``num_samples`` of ``dataset``; ``draws`` noise draws per text."""
     mesh = mesh or parallel.make_mesh()
-    fn = jax.jit(functools.partial(_per_sample, obj), out_shardings=parallel.replicated(mesh))
+    fn = parallel.jit(functools.partial(_per_sample, obj), out_shardings=parallel.replicated(mesh))
     num_samples = min(num_samples, len(dataset))
     sums: Dict[str, float] = {}
     gt = []

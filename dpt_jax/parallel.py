@@ -6,7 +6,8 @@ One code path serves one device, eight devices and many hosts.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -16,6 +17,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the batch is split over every device
+
+# What XLA is told when it compiles a program that runs the U-Net (``jit`` below). On a GPU its
+# Triton GEMM fusion takes each matmul out of the graph before the cuBLAS rewriter sees it, so the
+# residual add after a matmul (attention's to_out, the feed-forward's net.2, proj_out, the 1x1
+# shortcut) stays a pass of its own over the activation; with cuBLAS alone it rides in the
+# matmul's epilogue (C with beta 1). SD-2.1-base compiled for an H100 (launch/gpu_hlo.py): 2.4 GB fewer
+# bytes moved per sampling step, 2.0 GB per tune step. The H100 autotuner had picked Triton for
+# under 0.1 ms of a sampling step's matmuls. Other backends ignore GPU options.
+XLA_OPTIONS: Dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
 
 
 def make_mesh(fsdp: int = 1, devices: Optional[Any] = None) -> Mesh:
@@ -73,6 +83,23 @@ def check_divisible(global_batch_size: int, mesh: Mesh, what: str = "batch_size"
         raise ValueError(f"{what}={global_batch_size} must be a multiple of the {n} devices of the mesh")
 
 
+def jit(fn: Callable, **kwargs: Any) -> Any:
+    """``jax.jit`` with ``XLA_OPTIONS``, as they are when it is called."""
+    return jax.jit(fn, compiler_options=dict(XLA_OPTIONS), **kwargs)
+
+
+@contextlib.contextmanager
+def xla_options(**overrides: Any) -> Iterator[None]:
+    """``XLA_OPTIONS`` changed for the programs jitted inside (``dpt-jax bench --triton-gemm``)."""
+    saved = dict(XLA_OPTIONS)
+    XLA_OPTIONS.update(overrides)
+    try:
+        yield
+    finally:
+        XLA_OPTIONS.clear()
+        XLA_OPTIONS.update(saved)
+
+
 def layouts_left_to_xla(args: Sequence[Any], argnum: int) -> Tuple[Any, ...]:
     """``in_shardings`` for ``args``: each leaf's own sharding, with the memory layout of
     ``args[argnum]``'s leaves left to XLA (``Layout.AUTO``)."""
@@ -99,8 +126,8 @@ def compile_with_frozen_layouts(fn: Callable, args: Sequence[Any], frozen_argnum
     abstract = list(args)
     abstract[frozen_argnum] = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args[frozen_argnum])
-    compiled = jax.jit(fn, in_shardings=layouts_left_to_xla(args, frozen_argnum), out_shardings=out_shardings,
-                       donate_argnums=donate_argnums).lower(*abstract).compile()
+    compiled = jit(fn, in_shardings=layouts_left_to_xla(args, frozen_argnum), out_shardings=out_shardings,
+                   donate_argnums=donate_argnums).lower(*abstract).compile()
 
     def lay_out(x: jax.Array, wanted: Any) -> jax.Array:
         # Each array keeps its own sharding; only its layout changes, where it has to.

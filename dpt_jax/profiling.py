@@ -60,6 +60,16 @@ def _type_bytes(hlo_type: str) -> int:
                for dtype, dims in _ARRAY_TYPE.findall(hlo_type))
 
 
+def _result_bytes(result_type: str, opcode: str) -> int:
+    """What an instruction's result takes in memory, less a library call's scratch: cuBLAS and
+    cuDNN calls return their workspace (32 MiB for each cuBLAS call on an H100) as a last tuple
+    element of bytes, which the call does not fill."""
+    arrays = _ARRAY_TYPE.findall(result_type)
+    if opcode == "custom-call" and result_type.startswith("(") and len(arrays) > 1 and arrays[-1][0] in ("s8", "u8"):
+        result_type = result_type[:result_type.rindex(arrays[-1][0] + "[")]
+    return _type_bytes(result_type)
+
+
 def _category(opcode: str, line: str, called_opcodes: Iterable[str]) -> str:
     if opcode in CONTROL_OPCODES:
         return "control"
@@ -105,7 +115,8 @@ def _computations(hlo_text: str) -> Dict[str, List[_Instruction]]:
         if match:
             name, result_type, opcode, arguments = match.groups()
             operands = tuple(re.findall(r"%([\w.\-]+)", arguments.split(")")[0]))
-            computations[current].append(_Instruction(name, opcode, operands, _type_bytes(result_type), line))
+            computations[current].append(_Instruction(name, opcode, operands, _result_bytes(result_type, opcode),
+                                                      line))
     return computations
 
 

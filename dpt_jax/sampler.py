@@ -119,9 +119,9 @@ class Generator:
         self.latent_size = latent_size or sd.sample_size
         self.negative_prompt = negative_prompt
         batch = parallel.batch_sharding(self.mesh)
-        self._denoise = jax.jit(functools.partial(denoise, self.models, cfg), out_shardings=batch)
-        self._decode = jax.jit(functools.partial(vae_decode, sd.vae), out_shardings=batch)
-        self._score = jax.jit(functools.partial(adapter_score, self.models, taps=cfg.taps), out_shardings=batch) \
+        self._denoise = parallel.jit(functools.partial(denoise, self.models, cfg), out_shardings=batch)
+        self._decode = parallel.jit(functools.partial(vae_decode, sd.vae), out_shardings=batch)
+        self._score = parallel.jit(functools.partial(adapter_score, self.models, taps=cfg.taps), out_shardings=batch) \
             if adapter is not None else None
 
     def _pad(self, n: int) -> int:

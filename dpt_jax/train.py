@@ -244,7 +244,7 @@ class Trainer:
         self._step_fn = functools.partial(train_step, self.objective, self.optimizer, self.schedule,
                                           config.grad_accum)
         self._compiled_step: Optional[Any] = None
-        self.eval_fn = jax.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)
+        self.eval_fn = parallel.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)
         self.ckpt = checkpoints.Manager(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                         config.keep_checkpoints)
 

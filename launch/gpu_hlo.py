@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--what", default="tune:4,sample:8:0.0", help="items what:batch[:eta], comma-separated")
     parser.add_argument("--target", default="h100", help="launch/gpu_targets/NAME.txtpb or a path")
     parser.add_argument("--out", help="write each program's optimised HLO here (NAME.hlo.txt.gz)")
+    parser.add_argument("--triton-gemm", action="store_true", help="as dpt-jax bench --triton-gemm")
     args = parser.parse_args()
     sharding = gpu_sharding(args.target)
     pretend_cudnn()
@@ -92,8 +93,11 @@ def main() -> None:
         start = time.perf_counter()
         # The train steps as the trainer compiles them: the frozen weights' layout left to XLA.
         in_shardings = parallel.layouts_left_to_xla(abstract, 1) if donate else None
-        hlo = jax.jit(fn, in_shardings=in_shardings, donate_argnums=donate).lower(*abstract).compile().as_text()
+        with parallel.xla_options(xla_gpu_enable_triton_gemm=args.triton_gemm):
+            jitted = parallel.jit(fn, in_shardings=in_shardings, donate_argnums=donate)
+        hlo = jitted.lower(*abstract).compile().as_text()
         line = dict(what="gpu_hlo", target=args.target, measurement=name, jax=jax.__version__,
+                    triton_gemm=args.triton_gemm,
                     compile_s=round(time.perf_counter() - start, 1), **profiling.hlo_traffic(hlo))
         if args.out:
             os.makedirs(args.out, exist_ok=True)

@@ -26,6 +26,7 @@ def test_bench_tiny_lines(tmp_path):
         unit = "images_per_s" if x["what"] == "sample" else "samples_per_s"
         assert ANCHOR_KEYS | {unit, "compile_s", "mfu", "steady_s", "steady_mfu", "tflop", "xla_tflop"} <= set(x), x
         assert (x["impl"], x["device"], x["shapes"], x["batch"]) == ("dpt-jax", "cpu", "tiny", 2)
+        assert x["triton_gemm"] is False  # dpt_jax.parallel.XLA_OPTIONS' default
         for key in ("median_s", "min_s", "steady_s", unit, "compile_s", "tflop", "xla_tflop"):
             assert math.isfinite(x[key]) and x[key] > 0, (key, x)
         assert x["min_s"] <= x["median_s"]

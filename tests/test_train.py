@@ -190,3 +190,23 @@ def test_compile_with_frozen_layouts_runs_the_step_as_jit_does():
     other = parallel.global_batch(np.ones((jax.device_count(), 6, 6, 4), np.float32), mesh)
     with pytest.raises(TypeError):  # compiled for these shapes: others are refused, not recompiled
         compiled(state, laid_out, other)
+
+
+def test_programs_are_compiled_with_the_xla_options():
+    # parallel.jit, and the trainer's compile through it, hand XLA_OPTIONS to XLA: an option XLA
+    # does not know fails the compile, named. xla_options changes them for what is jitted inside
+    # and puts them back.
+    import jax.numpy as jnp
+    from dpt_jax import parallel
+
+    default = {"xla_gpu_enable_triton_gemm": False}
+    assert parallel.XLA_OPTIONS == default
+    x = jnp.ones((4, 4))
+    np.testing.assert_allclose(parallel.jit(lambda a: a @ a + 1)(x), np.full((4, 4), 5.0))
+    with parallel.xla_options(xla_no_such_option=True):
+        unknown = parallel.jit(lambda a: a + 1)
+        with pytest.raises(Exception, match="xla_no_such_option"):
+            parallel.compile_with_frozen_layouts(lambda s, f, b: s + f @ b, (x, x, x), frozen_argnum=1)
+    assert parallel.XLA_OPTIONS == default
+    with pytest.raises(Exception, match="xla_no_such_option"):  # the options as they were when jitted
+        unknown(x)
