@@ -1,10 +1,10 @@
 """GroupNorm and the exact GELU against PyTorch and float64, values and gradients.
 
 Tolerances:
-- GroupNorm in float32 (the output and the gradients of x, scale and bias) stays within twice
-  torch.nn.GroupNorm's own float32 error against float64 (or 2e-6 relative to the quantity's
-  largest value where torch's is smaller), also where |mean| is 100 x std and the first position,
-  the statistics' shift, is an outlier of its channel.
+- GroupNorm in float32 (the output and the gradients of x, scale, bias and a channel offset)
+  stays within twice torch.nn.GroupNorm's own float32 error against float64 (or 2e-6 relative to
+  the quantity's largest value where torch's is smaller), also where |mean| is 100 x std and the
+  first position, the statistics' shift, is an outlier of its channel.
 - GELU within 1.5e-6 (absolute) of torch's exact GELU: XLA's float32 erf is a rational
   approximation about 7e-7 off near |erf| = 1, where 1 + erf(x / sqrt 2) cancels for x < 0;
   jax.nn.gelu's erfc form was 1.0e-6 off on the same grid.
@@ -133,3 +133,32 @@ def test_lora_application_names_the_choices():
     with pytest.raises(ValueError, match="'fused'.*merged.*factored"):
         with lora_application("fused"):
             pass
+
+
+def test_group_norm_channel_offset_is_the_norm_of_the_sum():
+    # A ResNet block's norm2 takes the time embedding as an offset per sample and channel instead
+    # of h + temb in memory: the output and the gradients (x, offset, scale, bias) of torch's
+    # GroupNorm of the sum, within the tolerance above; offsets large against x's spread.
+    rng = np.random.default_rng(1)
+    x = (2 + rng.standard_normal((2, 6, 5, 64))).astype(np.float32)
+    x[:, 0, 0, :] += 3.0
+    offset = (10 * rng.standard_normal((2, 64))).astype(np.float32)
+    scale = (1 + 0.1 * rng.standard_normal(64)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(64)).astype(np.float32)
+    weights = rng.standard_normal(x.shape).astype(np.float32)
+
+    def torch_of_sum(summed, dtype):
+        out, dsum, dscale, dbias = _torch_group_norm(summed, 8, scale, bias, weights, dtype)
+        return out, dsum, dsum.sum(axis=(1, 2)), dscale, dbias
+    exact = torch_of_sum(x.astype(np.float64) + offset[:, None, None, :], torch.float64)
+    torch32 = torch_of_sum(x + offset[:, None, None, :], torch.float32)
+
+    norm = GroupNorm(num_groups=8)
+    params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    out, vjp = jax.vjp(lambda p, x, o: norm.apply(p, x, channel_offset=o), params, jnp.asarray(x),
+                       jnp.asarray(offset))
+    dparams, dx, doffset = vjp(jnp.asarray(weights))
+    ours = (out, dx, doffset, dparams["params"]["scale"], dparams["params"]["bias"])
+    for name, got, bar, ref in zip(("out", "dx", "doffset", "dscale", "dbias"), ours, torch32, exact):
+        err = np.abs(np.asarray(got, np.float64) - ref).max()
+        assert err <= max(2 * np.abs(bar - ref).max(), 2e-6 * np.abs(ref).max()), name

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -177,7 +177,10 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, channel_offset: Optional[jax.Array] = None) -> jax.Array:
+        """GroupNorm of ``x``, or of ``x + channel_offset[:, None, None, :]`` ([batch, channels])
+        without that sum in memory: ``x + offset`` deviates from ``shift + offset`` as ``x`` from
+        ``shift``, so the offset only enters the group statistics and the per-channel affine map."""
         c = x.shape[-1]
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
@@ -190,6 +193,9 @@ class GroupNorm(nn.Module):
         shift = jax.lax.stop_gradient(xf[:, 0, :])
         deviation = xf - shift[:, None, :]
         sum_dev, sum_dev_sq = deviation.sum(axis=1), jnp.square(deviation).sum(axis=1)
+        if channel_offset is not None:
+            channel_offset = channel_offset.astype(jnp.float32)
+            shift = shift + channel_offset
 
         def per_channel(group_values: jax.Array) -> jax.Array:
             return jnp.repeat(group_values, per_group, axis=1)
@@ -202,6 +208,8 @@ class GroupNorm(nn.Module):
         var = group_mean(sum_dev_sq + 2 * offset * sum_dev + positions * jnp.square(offset))
         mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
         add = bias - mean * mul
+        if channel_offset is not None:
+            add = add + channel_offset * mul
         return (xf * mul[:, None, :] + add[:, None, :]).reshape(x.shape).astype(self.dtype)
 
 
