@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dpt_jax.models.attention import attention
-from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, gelu_exact
+from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, gelu_exact, resize_nearest
 
 Dtype = Any
 
@@ -61,16 +61,6 @@ class Downsample2D(nn.Module):
                       dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
-def resize_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
-    """``F.interpolate(mode="nearest", size=size)``: source index floor(dst * in / out)."""
-    (h, w), (out_h, out_w) = x.shape[1:3], size
-    if (out_h, out_w) == (2 * h, 2 * w):
-        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    rows = (jnp.arange(out_h) * h) // out_h
-    cols = (jnp.arange(out_w) * w) // out_w
-    return x[:, rows][:, :, cols]
-
-
 class Upsample2D(nn.Module):
     """Nearest-neighbour x2 (or to ``output_size``, when the U-Net input is not a multiple of
     its total downsampling) followed by a 3x3 conv."""
@@ -80,8 +70,10 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, output_size: Optional[Tuple[int, int]] = None) -> jax.Array:
-        x = resize_nearest(x, output_size or (2 * x.shape[1], 2 * x.shape[2]))
-        return Conv2d(self.out_channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        conv = Conv2d(self.out_channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)
+        if output_size is None or tuple(output_size) == (2 * x.shape[1], 2 * x.shape[2]):
+            return conv(x, doubled=True)
+        return conv(resize_nearest(x, output_size))
 
 
 class Attention(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,16 @@ class Linear(nn.Module):
         return outs[0] if chunks == 1 else tuple(outs)
 
 
+def resize_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
+    """``F.interpolate(mode="nearest", size=size)``: source index floor(dst * in / out)."""
+    (h, w), (out_h, out_w) = x.shape[1:3], size
+    if (out_h, out_w) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = (jnp.arange(out_h) * h) // out_h
+    cols = (jnp.arange(out_w) * w) // out_w
+    return x[:, rows][:, :, cols]
+
+
 class Conv2d(nn.Module):
     """``torch.nn.Conv2d`` on NHWC input (kernel stored HWIO) with an optional LoRA branch.
 
@@ -141,18 +151,36 @@ class Conv2d(nn.Module):
             padding=((padding, padding), (padding, padding)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+    def _conv_of_doubled(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """This 3x3 conv of ``x`` upsampled x2 by nearest neighbour, computed on ``x``. An output
+        row of parity 0 sees input rows (i - 1, i) through kernel rows (0, 1 + 2), one of parity 1
+        rows (i, i + 1) through (0 + 1, 2); columns alike. So one 2x2 conv of ``x`` padded by one,
+        into the four parities' channels, then interleaved: 16/36 of the flops, and no 4x larger
+        input written and read (SD's up-block upsamplers: 8% of a tune step's flops)."""
+        def fold(k: jax.Array, axis: int, parity: int) -> jax.Array:
+            k0, k1, k2 = (jax.lax.index_in_dim(k, i, axis) for i in range(3))
+            return jnp.concatenate([k0, k1 + k2] if parity == 0 else [k0 + k1, k2], axis)
+        batch, height, width, _ = x.shape
+        folded = jnp.concatenate([fold(fold(kernel, 0, a), 1, b) for a in (0, 1) for b in (0, 1)], axis=-1)
+        out = self._conv(x, folded, 1, 1).reshape(batch, height + 1, width + 1, 2, 2, self.features)
+        rows = [jnp.stack([out[:, a:a + height, b:b + width, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
+        return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, self.features)
+
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, doubled: bool = False) -> jax.Array:
+        """The conv of ``x``, or with ``doubled`` of ``x`` upsampled x2 by nearest neighbour."""
         k = self.kernel_size
         factors = _lora_factors(self)
         kernel = _merged(self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
                                     self.param_dtype), factors, self.dtype)
         x = x.astype(self.dtype)
-        out = self._conv(x, kernel, self.stride, self.padding)
+        branch = _branch_factors(factors)
+        if doubled and ((k, self.stride, self.padding) != (3, 1, 1) or branch is not None):
+            x, doubled = resize_nearest(x, (2 * x.shape[1], 2 * x.shape[2])), False
+        out = self._conv_of_doubled(x, kernel) if doubled else self._conv(x, kernel, self.stride, self.padding)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             out = out + bias.astype(self.dtype)
-        branch = _branch_factors(factors)
         if branch is not None:
             a, b = branch
             out = out + self._conv(self._conv(x, a, self.stride, self.padding), b, 1, 0)
