@@ -12,8 +12,9 @@
 #
 # The measurements (the arguments, or PLAN when none are given) are what:batch:anchor items, each
 # run by the anchor (torch eager or torch.compile) and then by dpt-jax, so that every finished pair
-# is a ratio from the same run; attention:batch times dpt-jax's attention kernel alone at the
-# U-Net's shapes (cuDNN, XLA, Pallas), no anchor.
+# is a ratio from the same run (anchor none: dpt-jax alone, e.g. to compare its variants on a warm
+# machine); attention:batch times dpt-jax's attention kernel alone at the U-Net's shapes (cuDNN,
+# XLA, Pallas), no anchor.
 # The default is the issue's table: the tune step against eager (torch.compile does not finish),
 # the probe step and sampling (eta 0 and 0.5) against torch.compile.
 #
@@ -21,6 +22,7 @@
 #   ITERS=3 BUDGET_S=560 bash launch/bench_gpu.sh tune:4:eager sample:8:compile
 #   BUDGET_S=300 bash launch/bench_gpu.sh attention:16 probe:8:compile
 #   ATTENTION=pallas_mgpu bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with Pallas self-attention
+#   TRITON_GEMM=1 PROFILE=0 bash launch/bench_gpu.sh tune:4:none  # dpt-jax with XLA's Triton matmuls
 #
 # The whole script stays within BUDGET_S seconds (default 540): each anchor command gets at most
 # TORCH_S (default 300), each dpt-jax command what is left. Seen on an H100 (2026-11-26): the
@@ -33,14 +35,15 @@ ITERS=${ITERS:-3}
 BUDGET_S=${BUDGET_S:-540}
 TORCH_S=${TORCH_S:-300}
 ATTENTION=${ATTENTION:-auto} # dpt-jax's --attention-implementation (pallas_mgpu: Pallas self-attention)
+TRITON_GEMM=${TRITON_GEMM:-0} # 1: dpt-jax's --triton-gemm (XLA's Triton matmuls, off by default)
 EXTRA_ARGS=${EXTRA_ARGS:-}   # given to both, e.g. --tiny (a smoke test of this script on a CPU)
 PROFILE=${PROFILE:-1}        # 0: no profile of the dpt-jax measurements
 OUT=${OUT:-/tmp/bench_out}
 SITE=${SITE:-/tmp/site}       # where the carried wheels are unpacked
 start=$SECONDS
 for item in $PLAN; do  # a typo fails now, not after minutes of measuring
-    if ! [[ "$item" =~ ^(tune|probe|sample):[1-9][0-9]*:(eager|compile)$|^attention:[1-9][0-9]*$ ]]; then
-        echo "measurement '$item': expected what:batch:anchor (what in tune|probe|sample, anchor eager|compile)" \
+    if ! [[ "$item" =~ ^(tune|probe|sample):[1-9][0-9]*:(eager|compile|none)$|^attention:[1-9][0-9]*$ ]]; then
+        echo "measurement '$item': expected what:batch:anchor (what in tune|probe|sample, anchor eager|compile|none)" \
              "or attention:batch" >&2
         exit 2
     fi
@@ -78,6 +81,8 @@ left() { echo $((BUDGET_S - (SECONDS - start) - 5)); }
 read -r -a extra <<< "$EXTRA_ARGS"
 profile=()
 [ "$PROFILE" = 1 ] && profile=(--profile "$OUT/profile")
+triton=()
+[ "$TRITON_GEMM" = 1 ] && triton=(--triton-gemm)
 status=0
 for item in $PLAN; do
     IFS=: read -r what batch anchor <<< "$item"
@@ -85,13 +90,15 @@ for item in $PLAN; do
         measure "$(left)" python3 -m dpt_jax.bench --what attention --batch "$batch" ${extra[@]+"${extra[@]}"} || status=1
         continue
     fi
-    compile=()
-    [ "$anchor" = compile ] && compile=(--compile)
-    limit=$(left); [ "$limit" -gt "$TORCH_S" ] && limit=$TORCH_S
-    measure "$limit" python3 .bench/torch_dpt_reference.py --what "$what" --batch "$batch" --iters "$ITERS" \
-        --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
+    if [ "$anchor" != none ]; then
+        compile=()
+        [ "$anchor" = compile ] && compile=(--compile)
+        limit=$(left); [ "$limit" -gt "$TORCH_S" ] && limit=$TORCH_S
+        measure "$limit" python3 .bench/torch_dpt_reference.py --what "$what" --batch "$batch" --iters "$ITERS" \
+            --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
+    fi
     measure "$(left)" python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
-        --attention-implementation "$ATTENTION" \
+        --attention-implementation "$ATTENTION" ${triton[@]+"${triton[@]}"} \
         ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
 done
 # The device tool brings back at most 8 files of 16 MiB: one archive in parts, not a file per trace.
