@@ -20,11 +20,11 @@ BATCH_AXES = (DATA, FSDP)  # the batch is split over every device
 
 # What XLA is told when it compiles a program that runs the U-Net (``jit`` below). On a GPU its
 # Triton GEMM fusion takes each matmul out of the graph before the cuBLAS rewriter sees it, so the
-# residual add after a matmul (attention's to_out, the feed-forward's net.2, proj_out, the 1x1
-# shortcut) stays a pass of its own over the activation; with cuBLAS alone it rides in the
-# matmul's epilogue (C with beta 1). SD-2.1-base compiled for an H100 (launch/gpu_hlo.py): 2.4 GB fewer
-# bytes moved per sampling step, 2.0 GB per tune step. The H100 autotuner had picked Triton for
-# under 0.1 ms of a sampling step's matmuls. Other backends ignore GPU options.
+# residual add after a matmul (attention's to_out, the feed-forward's net.2, proj_out) stays a pass
+# of its own over the activation; with cuBLAS alone it rides in the matmul's epilogue (C with
+# beta 1). SD-2.1-base compiled for an H100 (launch/gpu_hlo.py): 2.4 GB fewer bytes moved per
+# sampling step, 2.0 GB per tune step. The H100 autotuner had picked Triton for under 0.1 ms of a
+# sampling step's matmuls. Other backends ignore GPU options.
 XLA_OPTIONS: Dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
 
 
