@@ -157,7 +157,8 @@ class Conv2d(nn.Module):
         rows (i, i + 1) through (0 + 1, 2); columns alike. So one 2x2 conv of ``x`` padded by one,
         into the four parities' channels, then interleaved: 16/36 of the flops, and no 4x larger
         input written and read (SD's up-block upsamplers: 7.5% of a tune step's flops). The folded
-        taps (sums of two or four) are rounded to the kernel's dtype once."""
+        taps, sums of up to four, are added in the kernel's dtype (in bfloat16 a rounding after each
+        of the two folds: folding in float32 made XLA write float32 copies of the kernel each step)."""
         def fold(k: jax.Array, axis: int, parity: int) -> jax.Array:
             k0, k1, k2 = (jax.lax.index_in_dim(k, i, axis) for i in range(3))
             return jnp.concatenate([k0, k1 + k2] if parity == 0 else [k0 + k1, k2], axis)
