@@ -18,7 +18,7 @@ DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the batch is split over every device
 
-# What XLA is told when it compiles a program that runs the U-Net (``jit`` below). On a GPU its
+# What XLA is told when it compiles a program of the models (``jit`` below). On a GPU its
 # Triton GEMM fusion takes each matmul out of the graph before the cuBLAS rewriter sees it, so the
 # residual add after a matmul (attention's to_out, the feed-forward's net.2, proj_out) stays a pass
 # of its own over the activation; with cuBLAS alone it rides in the matmul's epilogue (C with

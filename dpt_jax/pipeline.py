@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpt_jax import weights
+from dpt_jax import parallel, weights
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, load_params as load_text_params
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.models.vae import AutoencoderKL, VAEConfig
@@ -99,7 +99,7 @@ class StableDiffusion:
 
 # Module-level jitted functions: the modules are static (hashable dataclasses), the parameters
 # are arguments, so each shape compiles once however many StableDiffusion objects exist.
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(parallel.jit, static_argnums=(0,))
 def _encode_text(text_encoder: CLIPTextModel, params: Params, ids: jax.Array):
     return text_encoder.apply({"params": params}, ids)
 
@@ -115,9 +115,9 @@ def unet_forward(unet: UNet2DConditionModel, params: Params, lora: Optional[Para
     return unet.apply(variables, latents, t, hidden, taps=tuple(taps), return_eps=eps, eps_rows=eps_rows)
 
 
-_unet_apply = jax.jit(lambda unet, taps, eps, params, lora, latents, t, hidden:
-                      unet_forward(unet, params, lora, latents, t, hidden, taps, eps),
-                      static_argnums=(0, 1, 2))
+_unet_apply = parallel.jit(lambda unet, taps, eps, params, lora, latents, t, hidden:
+                           unet_forward(unet, params, lora, latents, t, hidden, taps, eps),
+                           static_argnums=(0, 1, 2))
 
 
 def vae_encode(vae: AutoencoderKL, params: Params, images: jax.Array) -> jax.Array:
@@ -130,8 +130,8 @@ def vae_decode(vae: AutoencoderKL, params: Params, latents: jax.Array) -> jax.Ar
     return vae.apply({"params": params}, latents / vae.config.scaling_factor, method=AutoencoderKL.decode)
 
 
-_vae_encode = jax.jit(vae_encode, static_argnums=(0,))
-_vae_decode = jax.jit(vae_decode, static_argnums=(0,))
+_vae_encode = parallel.jit(vae_encode, static_argnums=(0,))
+_vae_decode = parallel.jit(vae_decode, static_argnums=(0,))
 
 
 def unet_tap_channels(config: UNetConfig, tap: str) -> int:
