@@ -19,7 +19,8 @@ import torch
 from scipy.special import erf
 
 from dpt_jax.models.blocks import GEGLU
-from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, gelu_exact, lora_application, resize_nearest
+from dpt_jax.models.layers import (GROUP_NORM_CHUNK, Conv2d, GroupNorm, Linear, gelu_exact, lora_application,
+                                   resize_nearest)
 
 
 def _torch_group_norm(x: np.ndarray, groups: int, scale: np.ndarray, bias: np.ndarray, weights: np.ndarray,
@@ -39,9 +40,11 @@ def _torch_group_norm(x: np.ndarray, groups: int, scale: np.ndarray, bias: np.nd
 
 
 @pytest.mark.parametrize("offset", [0.0, 100.0])
-def test_group_norm_matches_torch(offset):
+@pytest.mark.parametrize("size", [(6, 5), (32, 24)])  # 30 positions; 768, three partial sums (GROUP_NORM_CHUNK)
+def test_group_norm_matches_torch(offset, size):
+    assert 32 * 24 == 3 * GROUP_NORM_CHUNK
     rng = np.random.default_rng(0)
-    x = (offset + rng.standard_normal((2, 6, 5, 64))).astype(np.float32)
+    x = (offset + rng.standard_normal((2,) + size + (64,))).astype(np.float32)
     x[:, 0, 0, :] += 3.0
     scale = (1 + 0.1 * rng.standard_normal(64)).astype(np.float32)
     bias = (0.1 * rng.standard_normal(64)).astype(np.float32)
