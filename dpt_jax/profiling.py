@@ -150,6 +150,48 @@ def _sliced_reads(fused: List[_Instruction]) -> Dict[int, int]:
     return reads
 
 
+def _dims(instruction: _Instruction) -> Tuple[int, ...]:
+    """The dimensions of an instruction's (array) result."""
+    arrays = _ARRAY_TYPE.findall(_INSTRUCTION.match(instruction.line).group(2))
+    return tuple(int(d) for d in arrays[0][1].split(",") if d) if len(arrays) == 1 else ()
+
+
+def _root_slice_share(fused: List[_Instruction]) -> Optional[Tuple[int, float]]:
+    """(elements, share) where a fused computation makes only a slice of a value of ``elements``
+    elements, cut along its leading dimensions: its root is such a slice, and each reduction in it
+    reduces only its operand's last dimension, so a row of the slice needs only its own rows of
+    the inputs. XLA's fusions index from their output (a Triton fusion tiles it), so a parameter of
+    that many elements is read in ``share``: DPT's shared U-Net start has its gradient summed from
+    slices of a LayerNorm backward, one fusion per slice."""
+    by_name = {i.name: i for i in fused}
+    root = next((i for i in fused if i.line.lstrip().startswith("ROOT")), None)
+    if root is None or root.opcode != "slice" or root.operands[0] not in by_name:
+        return None
+    whole, part = _dims(by_name[root.operands[0]]), _dims(root)
+    if not whole or len(whole) != len(part) or whole[-1] != part[-1]:
+        return None
+    for instruction in fused:
+        if instruction.opcode == "reduce":
+            rank = len(_dims(by_name[instruction.operands[0]])) if instruction.operands[0] in by_name else 0
+            if re.search(r"dimensions=\{([\d,]*)\}", instruction.line).group(1) != str(rank - 1):
+                return None
+    return math.prod(whole), math.prod(part) / math.prod(whole)
+
+
+def _fusion_reads(fused: List[_Instruction]) -> Dict[int, int]:
+    """Bytes read of the parameters of a fused computation that it does not read whole: through
+    slices (:func:`_sliced_reads`), or in the rows of a sliced root (:func:`_root_slice_share`)."""
+    reads = {}
+    share = _root_slice_share(fused)
+    if share is not None:
+        for instruction in fused:
+            if instruction.opcode == "parameter" and math.prod(_dims(instruction)) == share[0]:
+                index = int(re.search(r"parameter\((\d+)\)", instruction.line).group(1))
+                reads[index] = round(instruction.result_bytes * share[1])
+    reads.update(_sliced_reads(fused))
+    return reads
+
+
 def _called(line: str) -> List[str]:
     """The computations an instruction calls: a fusion's body, a reduction's reducer."""
     return re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
@@ -159,7 +201,8 @@ def hlo_ops(hlo_text: str) -> Dict[str, HloOp]:
     """Every instruction of an optimised HLO module (``compiled.as_text()``) by name, also under
     the name XLA gives its kernel ('.' and '-' as '_'). A fusion without an ``op_name`` of its own
     takes that of an instruction inside it (its root's where it has one). A fusion's bytes count an
-    operand it reads only through slices as those slices."""
+    operand it reads only through slices as those slices, and one it reads only in the rows of a
+    sliced root as those rows (:func:`_fusion_reads`)."""
     return _ops(_computations(hlo_text))
 
 
@@ -176,7 +219,7 @@ def _ops(computations: Dict[str, List[_Instruction]]) -> Dict[str, HloOp]:
         for instruction in instructions:
             called = _called(instruction.line)
             op_name = _op_name(instruction.line) or next((inner_op_name[c] for c in called if c in inner_op_name), "")
-            sliced = _sliced_reads(computations[called[0]]) if instruction.opcode == "fusion" and called else {}
+            sliced = _fusion_reads(computations[called[0]]) if instruction.opcode == "fusion" and called else {}
             moved = instruction.result_bytes + sum(sliced.get(i, result_bytes.get(operand, 0))
                                                    for i, operand in enumerate(instruction.operands))
             category = _category(instruction.opcode, instruction.line,

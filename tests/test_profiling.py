@@ -202,3 +202,52 @@ def test_hlo_traffic_counts_executed_ops_and_sliced_reads():
     assert traffic["memory_bound_ops"] == 4
     assert profiling.hlo_traffic(HLO)["by_category_gb"].keys() == {"elementwise", "attention", "matmul", "reduce",
                                                                     "copy"}
+
+
+# Two fusions that each make a quarter of a row-normalised [8, 64] (the rows 2:4): one reduces
+# each row (its last dimension) and needs only those rows of its input; the other reduces over the
+# rows and needs them all.
+ROOT_SLICE_HLO = """HloModule jit_step, is_scheduled=true
+
+%region_add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%a, %b)
+}
+
+%fused_rows (p0: f32[8,64], p1: f32[64]) -> f32[2,64] {
+  %p0 = f32[8,64]{1,0} parameter(0)
+  %p1 = f32[64]{0} parameter(1)
+  %zero = f32[] constant(0)
+  %sum = f32[8]{0} reduce(%p0, %zero), dimensions={1}, to_apply=%region_add
+  %sums = f32[8,64]{1,0} broadcast(%sum), dimensions={0}
+  %scale = f32[8,64]{1,0} broadcast(%p1), dimensions={1}
+  %out = f32[8,64]{1,0} divide(%p0, %sums)
+  %scaled = f32[8,64]{1,0} multiply(%out, %scale)
+  ROOT %slice.1 = f32[2,64]{1,0} slice(%scaled), slice={[2:4], [0:64]}
+}
+
+%fused_columns (p0.1: f32[8,64]) -> f32[2,64] {
+  %p0.1 = f32[8,64]{1,0} parameter(0)
+  %zero.1 = f32[] constant(0)
+  %sum.1 = f32[64]{0} reduce(%p0.1, %zero.1), dimensions={0}, to_apply=%region_add
+  %sums.1 = f32[8,64]{1,0} broadcast(%sum.1), dimensions={1}
+  %out.1 = f32[8,64]{1,0} divide(%p0.1, %sums.1)
+  ROOT %slice.2 = f32[2,64]{1,0} slice(%out.1), slice={[2:4], [0:64]}
+}
+
+ENTRY %main (x: f32[8,64], s: f32[64]) -> (f32[2,64], f32[2,64]) {
+  %x = f32[8,64]{1,0} parameter(0)
+  %s = f32[64]{0} parameter(1)
+  %rows_fusion = f32[2,64]{1,0} fusion(%x, %s), kind=kCustom, calls=%fused_rows
+  %columns_fusion = f32[2,64]{1,0} fusion(%x), kind=kLoop, calls=%fused_columns
+  ROOT %tuple = (f32[2,64]{1,0}, f32[2,64]{1,0}) tuple(%rows_fusion, %columns_fusion)
+}
+"""
+
+
+def test_a_fusion_making_rows_of_a_slice_reads_only_those_rows():
+    x, scale, out = 8 * 64 * 4, 64 * 4, 2 * 64 * 4
+    ops = profiling.hlo_ops(ROOT_SLICE_HLO)
+    assert ops["rows_fusion"].bytes == x // 4 + scale + out
+    assert ops["columns_fusion"].bytes == x + out
