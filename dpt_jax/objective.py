@@ -74,13 +74,11 @@ def encode_batch(sd: StableDiffusion, frozen: Params, batch: Dict[str, jax.Array
     return jax.lax.stop_gradient((latents, hidden, pooled))
 
 
-def candidate_inputs(noisy: jax.Array, hidden: jax.Array, pooled: jax.Array, which: Sequence[int]):
-    """Stack the noisy latents (per candidate, [6, n, ...]) and text states of the candidates
-    ``which`` along the batch."""
-    lat = jnp.concatenate([noisy[c] for c in which])
+def candidate_texts(hidden: jax.Array, pooled: jax.Array, which: Sequence[int]) -> Tuple[jax.Array, jax.Array]:
+    """The text states of the candidates ``which``, stacked along the batch."""
     hid = jnp.concatenate([hidden[TEXT_OF_CANDIDATE[c]] for c in which])
     pool = jnp.concatenate([pooled[TEXT_OF_CANDIDATE[c]] for c in which])
-    return lat, hid, pool
+    return hid, pool
 
 
 def sample_noise(obj: Any, rng: jax.Array, sample_id: jax.Array, latent_shape: Tuple[int, ...],
@@ -121,18 +119,21 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
             return fresh.astype(latents.dtype)
         noisy = jnp.stack([sd.schedule.add_noise(latents[IMAGE_OF_CANDIDATE[c]], noise_of(c), t)
                            for c in range(NUM_CANDIDATES)])
+        lat, t_rows, sample_blocks = noisy.reshape((-1,) + noisy.shape[2:]), jnp.tile(t, NUM_CANDIDATES), None
     else:
+        # Candidates of one image share its noisy latent: the U-Net runs its text-free start once
+        # per image (x+, x-, xr) and repeats it into the candidates' rows.
         latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t))(latents)
-        noisy = latents_t[jnp.array(IMAGE_OF_CANDIDATE)]
+        lat, t_rows, sample_blocks = latents_t.reshape((-1,) + latents_t.shape[2:]), jnp.tile(t, 3), IMAGE_OF_CANDIDATE
     lora = lora_variables(trainable["lora"], obj.lora) if obj.lora is not None and trainable.get("lora") else None
     unet_params = frozen["unet"]
     out: Dict[str, jax.Array] = {"t": t}
 
-    lat, hid_all, pool_all = candidate_inputs(noisy, hidden, pooled, range(NUM_CANDIDATES))
+    hid_all, pool_all = candidate_texts(hidden, pooled, range(NUM_CANDIDATES))
     # One U-Net call: every candidate runs to the tap; stage 2's positive pair (the first n rows)
     # goes on to the noise prediction for the denoising loss.
-    eps0, taps = unet_forward(sd.unet, unet_params, lora, lat, jnp.tile(t, NUM_CANDIDATES), hid_all, obj.taps,
-                              eps=obj.denoising, eps_rows=n if obj.denoising else None)
+    eps0, taps = unet_forward(sd.unet, unet_params, lora, lat, t_rows, hid_all, obj.taps, eps=obj.denoising,
+                              eps_rows=n if obj.denoising else None, sample_blocks=sample_blocks)
     if obj.denoising:
         out["eps"] = eps0.astype(jnp.float32)
         out["target"] = sd.schedule.training_target(latents[0], noise, t).astype(jnp.float32)

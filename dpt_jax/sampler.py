@@ -73,6 +73,7 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
     sc_end = cfg.steps if cfg.sc_end is None else cfg.sc_end
     use_cfg = cfg.guidance != 1.0
     use_sc = cfg.eta_sc != 0.0 and models.adapter is not None
+    text = jnp.concatenate([uncond, cond]) if use_cfg else None
 
     def step(z, xs):
         t, prev_t, i = xs
@@ -80,14 +81,15 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
         if use_sc:
             shift = correction(models, cfg, unet_params, adapter_params, z, t, cond, pooled)
             zc = z + jnp.where((i >= cfg.sc_start) & (i < sc_end), 1.0, 0.0).astype(z.dtype) * shift
-        tb = jnp.broadcast_to(t, (z.shape[0],))
         if use_cfg:
-            eps, _ = unet_forward(models.sd.unet, unet_params, None, jnp.concatenate([z, zc]),
-                                  jnp.concatenate([tb, tb]), jnp.concatenate([uncond, cond]))
+            # Without self-correction both branches see z: the U-Net's text-free start runs once.
+            latents, blocks = (jnp.concatenate([z, zc]), None) if use_sc else (z, (0, 0))
+            eps, _ = unet_forward(models.sd.unet, unet_params, None, latents,
+                                  jnp.broadcast_to(t, (latents.shape[0],)), text, sample_blocks=blocks)
             eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
             eps = eps_u + cfg.guidance * (eps_c - eps_u)
         else:
-            eps, _ = unet_forward(models.sd.unet, unet_params, None, zc, tb, cond)
+            eps, _ = unet_forward(models.sd.unet, unet_params, None, zc, jnp.broadcast_to(t, (z.shape[0],)), cond)
         z = scheduler.ddim_step(sched, eps.astype(jnp.float32), t, prev_t, z.astype(jnp.float32))
         return z.astype(zc.dtype), None
 

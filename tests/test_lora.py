@@ -232,3 +232,35 @@ def test_linear_chunks_are_the_parts_of_its_output():
         np.testing.assert_allclose(np.concatenate(parts, axis=-1), whole, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="6 features do not split into 4 equal chunks"):
         Linear(6).apply(variables, x, chunks=4)
+
+
+def test_candidates_share_the_unet_start_and_give_the_same_losses(sd, monkeypatch):
+    # A sample's candidates run the U-Net's text-free start once per image (x+, x-, xr): the stage-2
+    # losses (LoRA, taps, the positive pair's full pass) equal those of the U-Net run on every
+    # candidate's own copy of its latent. The U-Net test checks the gradients.
+    from dpt_jax import objective
+    from dpt_jax.models.layers import repeat_row_blocks
+    config = tiny("tune")
+    config.batch_size, config.adapter.dropout = 2, 0.0
+    obj = build_objective(config, sd)
+    batch = batches.batch_at(make_dataset(config, "train"), sd.tokenizer, 0, config.batch_size, config.data.seed)
+    state = init_state(config, sd, obj, optax.sgd(1.0))
+    params = dict(state.params, lora=_randomize_b(state.params["lora"], seed=3))
+    calls = []
+
+    def losses():
+        return jax.jit(lambda p: obj.losses(p, sd.frozen_params(), batch, jax.random.PRNGKey(0))[1])(params)
+
+    shared_forward = objective.unet_forward
+
+    def every_candidate_in_full(unet, params, lora, latents, t, hidden, taps=(), eps=True, eps_rows=None,
+                                sample_blocks=None):
+        calls.append(sample_blocks)
+        return shared_forward(unet, params, lora, repeat_row_blocks(latents, sample_blocks),
+                              repeat_row_blocks(t, sample_blocks), hidden, taps, eps, eps_rows)
+    shared = losses()
+    monkeypatch.setattr(objective, "unet_forward", every_candidate_in_full)
+    full = losses()
+    assert calls == [objective.IMAGE_OF_CANDIDATE]
+    for name in ("loss", "itm_loss", "rec_loss", "mse_loss"):
+        np.testing.assert_allclose(shared[name], full[name], rtol=1e-6, err_msg=name)

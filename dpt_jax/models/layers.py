@@ -131,6 +131,16 @@ def resize_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
     return x[:, rows][:, :, cols]
 
 
+def repeat_row_blocks(x: jax.Array, blocks: Optional[Tuple[int, ...]]) -> jax.Array:
+    """``x``'s rows as ``max(blocks) + 1`` equal blocks, put together in the order ``blocks`` names
+    them (a block may come several times); ``blocks`` None returns ``x``. A concatenation of
+    slices, so its gradient is a sum of slices rather than a scatter."""
+    if blocks is None:
+        return x
+    parts = jnp.split(x, max(blocks) + 1)
+    return jnp.concatenate([parts[b] for b in blocks])
+
+
 class Conv2d(nn.Module):
     """``torch.nn.Conv2d`` on NHWC input (kernel stored HWIO) with an optional LoRA branch.
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dpt_jax.models.blocks import TransformerSpec
-from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, timestep_embedding
+from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, repeat_row_blocks, timestep_embedding
 from dpt_jax.models.unet_blocks import DownBlock2D, MidBlock2D, UpBlock2D
 from dpt_jax.weights import read_json
 
@@ -174,7 +174,8 @@ class UNet2DConditionModel(nn.Module):
         blocks = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
         down_cls, mid_cls, up_cls = DownBlock2D, MidBlock2D, UpBlock2D
         if self.remat:
-            down_cls, mid_cls = nn.remat(DownBlock2D), nn.remat(MidBlock2D)
+            down_cls = nn.remat(DownBlock2D, static_argnums=(4,))  # self, x, temb, context, sample_blocks
+            mid_cls = nn.remat(MidBlock2D)
             up_cls = nn.remat(UpBlock2D, static_argnums=(5,))  # self, x, skips, temb, context, upsample_size
         c0, n = cfg.block_out_channels[0], len(cfg.block_out_channels)
         self.conv_in = Conv2d(c0, **kw)
@@ -201,17 +202,36 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"unknown U-Net tap(s) {unknown}; valid taps: {', '.join(names)}")
         return max((names.index(t) for t in taps), default=-1)
 
+    def _check_sample_blocks(self, blocks: Tuple[int, ...], samples: int, rows: int) -> None:
+        if sorted(set(blocks)) != list(range(max(blocks) + 1)) or samples % (max(blocks) + 1):
+            raise ValueError(f"sample_blocks={blocks} must name each of its blocks 0..k-1 of the {samples} "
+                             "samples at least once, and k must divide the number of samples")
+        if rows != len(blocks) * samples // (max(blocks) + 1):
+            raise ValueError(f"sample_blocks={blocks} repeat {samples} samples into "
+                             f"{len(blocks) * samples // (max(blocks) + 1)} rows, but encoder_hidden_states "
+                             f"has {rows}")
+
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 taps: Sequence[str] = (), return_eps: bool = True, eps_rows: Optional[int] = None
-                 ) -> Tuple[Optional[jax.Array], Dict[str, jax.Array]]:
+                 taps: Sequence[str] = (), return_eps: bool = True, eps_rows: Optional[int] = None,
+                 sample_blocks: Optional[Sequence[int]] = None) -> Tuple[Optional[jax.Array], Dict[str, jax.Array]]:
         """``sample`` [B, H, W, C]; ``timesteps`` [B] or a scalar; ``encoder_hidden_states`` [B, L, D].
 
         Returns the noise prediction (None when ``return_eps`` is False: then no block after the
         last requested tap runs) and a dict tap name -> NHWC feature map. ``eps_rows`` k: only
         the first k rows go on past the last tap, so the prediction has k rows and the other
         rows share the passes up to the tap (DPT's one full pass among the discriminative ones).
+
+        ``sample_blocks``: several texts per sample (DPT's candidates, or guidance's two branches
+        of one latent). ``sample`` and ``timesteps`` then hold k equal blocks of distinct rows, and
+        the rows of ``encoder_hidden_states`` (and of every output) are the blocks in the order
+        ``sample_blocks`` names them. Everything before the first cross-attention (``conv_in``,
+        the first resnet, the first self-attention) runs once per distinct sample; the result is
+        what the repeated samples would give.
         """
         taps = (taps,) if isinstance(taps, str) else tuple(taps)
+        sample_blocks = tuple(int(b) for b in sample_blocks) if sample_blocks is not None else None
+        if sample_blocks is not None:
+            self._check_sample_blocks(sample_blocks, sample.shape[0], encoder_hidden_states.shape[0])
         tap_stage = self._tap_stage(taps)
         last = len(self.config.tap_names()) if return_eps else tap_stage
         if eps_rows is not None and not (return_eps and 0 <= tap_stage):
@@ -233,10 +253,19 @@ class UNet2DConditionModel(nn.Module):
                 return False, x[:eps_rows], [s[:eps_rows] for s in skips], emb[:eps_rows], context[:eps_rows]
             return stage >= last, x, skips, emb, context
 
+        # The first block with a transformer repeats the samples into the text's rows; the skip
+        # and the time embedding made before it are repeated after it.
+        first_cross = next((i for i, b in enumerate(self.down_blocks) if b.transformer is not None), None)
+        if sample_blocks is not None and first_cross is None:
+            sample, emb = repeat_row_blocks(sample, sample_blocks), repeat_row_blocks(emb, sample_blocks)
         x = self.conv_in(sample)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            x, res = block(x, emb, context)
+            blocks_here = sample_blocks if i == first_cross else None
+            x, res = block(x, emb, context, blocks_here)
+            if blocks_here is not None:
+                skips = [repeat_row_blocks(s, blocks_here) for s in skips]
+                emb = repeat_row_blocks(emb, blocks_here)
             skips.extend(res)
             done, x, skips, emb, context = end_of_stage(i, f"down{i}", x, skips)
             if done:

@@ -16,13 +16,16 @@ import flax.linen as nn
 
 from dpt_jax.models.blocks import (Attention, Downsample2D, ResnetBlock2D, Transformer2DModel, TransformerSpec,
                                    Upsample2D)
+from dpt_jax.models.layers import repeat_row_blocks
 
 Dtype = Any
 
 
 class DownBlock2D(nn.Module):
     """Resnets (each followed by a transformer if ``transformer`` is set), then an optional
-    stride-2 conv. Returns the output and the skip connections the up path consumes."""
+    stride-2 conv. Returns the output and the skip connections the up path consumes.
+    ``sample_blocks`` (a block with a transformer): the first transformer repeats the samples
+    into the rows of ``context``, and everything after it has those rows."""
     out_channels: int
     num_layers: int
     add_downsample: bool = True
@@ -34,14 +37,20 @@ class DownBlock2D(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, context: Optional[jax.Array] = None
-                 ) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, context: Optional[jax.Array] = None,
+                 sample_blocks: Optional[Tuple[int, ...]] = None) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if sample_blocks is not None and self.transformer is None:
+            raise ValueError("sample_blocks needs a block with a transformer (where the rows of context begin)")
         skips = []
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.transformer is not None:
-                x = Transformer2DModel(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
+                x = Transformer2DModel(self.transformer, self.groups, name=f"attentions_{i}", **kw)(
+                    x, context, sample_blocks)
+                if temb is not None:
+                    temb = repeat_row_blocks(temb, sample_blocks)
+                sample_blocks = None
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
