@@ -39,7 +39,7 @@ def _small(stage="probe", steps=6, **overrides):
 
 
 def test_probe_loss_falls_and_itm_accuracy_rises_above_chance(tmp_path):
-    # configs/probe_shapes.py: 200 steps on the shipped shapes SD; then the paper's ITM protocol
+    # configs/probe_shapes.py: 300 steps on the shipped shapes SD; then the paper's ITM protocol
     # (t = 500, hard negatives) on 512 val samples, with 95% Wilson intervals.
     c = load_config_file(os.path.join(REPO, "configs", "probe_shapes.py"))
     last = train(c, str(tmp_path))
