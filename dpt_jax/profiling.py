@@ -120,6 +120,10 @@ def _computations(hlo_text: str) -> Dict[str, List[_Instruction]]:
     return computations
 
 
+def _parameter_index(instruction: _Instruction) -> int:
+    return int(re.search(r"parameter\((\d+)\)", instruction.line).group(1))
+
+
 def _sliced_reads(fused: List[_Instruction]) -> Dict[int, int]:
     """Bytes read of each parameter of a fused computation that is read only through slices
     (possibly after bitcasts, converts, reshapes): the slices' sizes, not the parameter's."""
@@ -146,7 +150,7 @@ def _sliced_reads(fused: List[_Instruction]) -> Dict[int, int]:
         if instruction.opcode == "parameter":
             moved = read(instruction.name)
             if moved is not None:
-                reads[int(re.search(r"parameter\((\d+)\)", instruction.line).group(1))] = moved
+                reads[_parameter_index(instruction)] = moved
     return reads
 
 
@@ -186,8 +190,7 @@ def _fusion_reads(fused: List[_Instruction]) -> Dict[int, int]:
     if share is not None:
         for instruction in fused:
             if instruction.opcode == "parameter" and math.prod(_dims(instruction)) == share[0]:
-                index = int(re.search(r"parameter\((\d+)\)", instruction.line).group(1))
-                reads[index] = round(instruction.result_bytes * share[1])
+                reads[_parameter_index(instruction)] = round(instruction.result_bytes * share[1])
     reads.update(_sliced_reads(fused))
     return reads
 
