@@ -124,7 +124,8 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
         # Candidates of one image share its noisy latent: the U-Net runs its text-free start once
         # per image (x+, x-, xr) and repeats it into the candidates' rows.
         latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t))(latents)
-        lat, t_rows, sample_blocks = latents_t.reshape((-1,) + latents_t.shape[2:]), jnp.tile(t, 3), IMAGE_OF_CANDIDATE
+        lat, t_rows = latents_t.reshape((-1,) + latents_t.shape[2:]), jnp.tile(t, len(latents_t))
+        sample_blocks = IMAGE_OF_CANDIDATE
     lora = lora_variables(trainable["lora"], obj.lora) if obj.lora is not None and trainable.get("lora") else None
     unet_params = frozen["unet"]
     out: Dict[str, jax.Array] = {"t": t}

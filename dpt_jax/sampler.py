@@ -84,12 +84,11 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
         if use_cfg:
             # Without self-correction both branches see z: the U-Net's text-free start runs once.
             latents, blocks = (jnp.concatenate([z, zc]), None) if use_sc else (z, (0, 0))
-            eps, _ = unet_forward(models.sd.unet, unet_params, None, latents,
-                                  jnp.broadcast_to(t, (latents.shape[0],)), text, sample_blocks=blocks)
+            eps, _ = unet_forward(models.sd.unet, unet_params, None, latents, t, text, sample_blocks=blocks)
             eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
             eps = eps_u + cfg.guidance * (eps_c - eps_u)
         else:
-            eps, _ = unet_forward(models.sd.unet, unet_params, None, zc, jnp.broadcast_to(t, (z.shape[0],)), cond)
+            eps, _ = unet_forward(models.sd.unet, unet_params, None, zc, t, cond)
         z = scheduler.ddim_step(sched, eps.astype(jnp.float32), t, prev_t, z.astype(jnp.float32))
         return z.astype(zc.dtype), None
 
