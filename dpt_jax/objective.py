@@ -5,6 +5,7 @@ Candidates per sample (the spec's "Losses"): the positive pair (x+, c+) is share
 directions, so a step scores six pairs, not seven:
     0 (x+, c+)   1 (x-, c+)   2 (xr, c+)   3 (x+, c-)   4 (x+, cr)   5 (x+, ref expression)
 t2i candidates are 0, 1, 2; i2t candidates are 0, 3, 4; REC reads candidate 5.
+The U-Net and the adapter see them sample-major: row 6 i + c is sample i's candidate c.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import jax.numpy as jnp
 from dpt_jax import losses
 from dpt_jax.lora import LoraSpec, lora_variables
 from dpt_jax.models.adapter import DiscriminativeAdapter, itm_score
+from dpt_jax.models.layers import regroup_rows, stack_rows
 from dpt_jax.pipeline import StableDiffusion, unet_forward, vae_encode
 
 Params = Dict[str, Any]
 IMAGE_OF_CANDIDATE = (0, 1, 2, 0, 0, 0)  # index into (x+, x-, xr)
 TEXT_OF_CANDIDATE = (0, 0, 0, 1, 2, 3)   # index into (c+, c-, cr, ref)
 NUM_CANDIDATES = 6
+REC_CANDIDATE = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,33 +55,42 @@ def features_of(taps: Dict[str, jax.Array], names: Sequence[str]) -> Any:
     return taps[names[0]] if len(names) == 1 else {n: taps[n] for n in names}
 
 
+def _rows(x: jax.Array) -> jax.Array:
+    """[n, k, ...] -> [n * k, ...]: sample-major rows."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _of_candidate(rows: jax.Array, candidate: int) -> jax.Array:
+    """Candidate ``candidate``'s rows [n, ...] of sample-major candidate rows [n * 6, ...]."""
+    return rows.reshape((-1, NUM_CANDIDATES) + rows.shape[1:])[:, candidate]
+
+
 def encode_batch(sd: StableDiffusion, frozen: Params, batch: Dict[str, jax.Array]
                  ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """Candidate-major latents of (x+, x-, xr) [3, n, ...] and text states of (c+, c-, cr, ref)
-    [4, n, ...], frozen (no gradient); ``dpt-jax precompute`` stores them batch-major."""
-    if "latents" in batch:  # precomputed, already scaled, batch-major [n, 3, h, w, c] (shardable)
-        latents = jnp.swapaxes(batch["latents"], 0, 1)
+    """Sample-major latents of (x+, x-, xr) [n, 3, ...] and text states of (c+, c-, cr, ref)
+    [n, 4, ...], frozen (no gradient), as ``dpt-jax precompute`` stores them.
+
+    A sample's rows stay together from here to the losses (``[n, k] -> [n * k]`` rows): the batch
+    is split over devices by samples, so no device needs another's rows."""
+    if "latents" in batch:  # precomputed, already scaled
+        latents = batch["latents"]
     else:
-        images = jnp.stack([batch["image"], batch["neg_image"], batch["rand_image"]])
-        n = images.shape[1]
-        latents = vae_encode(sd.vae, frozen["vae"], images.reshape((-1,) + images.shape[2:]))
-        latents = latents.reshape((3, n) + latents.shape[1:])
+        images = stack_rows([batch["image"], batch["neg_image"], batch["rand_image"]])
+        latents = vae_encode(sd.vae, frozen["vae"], images)
+        latents = latents.reshape((-1, 3) + latents.shape[1:])
     if "hidden" in batch:  # precomputed text states [n, 4, 77, D] and pooled [n, 4, D]
-        hidden, pooled = jnp.swapaxes(batch["hidden"], 0, 1), jnp.swapaxes(batch["pooled"], 0, 1)
+        hidden, pooled = batch["hidden"], batch["pooled"]
     else:
-        ids = jnp.stack([batch[k] for k in ("caption_ids", "neg_caption_ids", "rand_caption_ids", "expression_ids")])
-        n = ids.shape[1]
-        hidden, pooled = sd.text_encoder.apply({"params": frozen["text_encoder"]}, ids.reshape(-1, ids.shape[-1]))
-        hidden = hidden.reshape((4, n) + hidden.shape[1:])
-        pooled = pooled.reshape((4, n) + pooled.shape[1:])
+        ids = stack_rows([batch[k] for k in ("caption_ids", "neg_caption_ids", "rand_caption_ids", "expression_ids")])
+        hidden, pooled = sd.text_encoder.apply({"params": frozen["text_encoder"]}, ids)
+        hidden = hidden.reshape((-1, 4) + hidden.shape[1:])
+        pooled = pooled.reshape((-1, 4) + pooled.shape[1:])
     return jax.lax.stop_gradient((latents, hidden, pooled))
 
 
-def candidate_texts(hidden: jax.Array, pooled: jax.Array, which: Sequence[int]) -> Tuple[jax.Array, jax.Array]:
-    """The text states of the candidates ``which``, stacked along the batch."""
-    hid = jnp.concatenate([hidden[TEXT_OF_CANDIDATE[c]] for c in which])
-    pool = jnp.concatenate([pooled[TEXT_OF_CANDIDATE[c]] for c in which])
-    return hid, pool
+def candidate_texts(hidden: jax.Array, pooled: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """The text states of every candidate, sample-major rows [n * 6, ...]."""
+    return regroup_rows(_rows(hidden), TEXT_OF_CANDIDATE), regroup_rows(_rows(pooled), TEXT_OF_CANDIDATE)
 
 
 def sample_noise(obj: Any, rng: jax.Array, sample_id: jax.Array, latent_shape: Tuple[int, ...],
@@ -108,7 +120,7 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
     """
     sd = obj.sd
     latents, hidden, pooled = encode_batch(sd, frozen, batch)
-    n = latents.shape[1]
+    n = latents.shape[0]
     t, noise = sample_noise(obj, rng, batch["sample_id"], latents.shape[2:], timestep)
     noise = noise.astype(latents.dtype)
     if fresh_noise:
@@ -117,35 +129,35 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
                 return noise
             _, fresh = sample_noise(obj, jax.random.fold_in(rng, c), batch["sample_id"], latents.shape[2:], timestep)
             return fresh.astype(latents.dtype)
-        noisy = jnp.stack([sd.schedule.add_noise(latents[IMAGE_OF_CANDIDATE[c]], noise_of(c), t)
-                           for c in range(NUM_CANDIDATES)])
-        lat, t_rows, sample_blocks = noisy.reshape((-1,) + noisy.shape[2:]), jnp.tile(t, NUM_CANDIDATES), None
+        lat = stack_rows([sd.schedule.add_noise(latents[:, IMAGE_OF_CANDIDATE[c]], noise_of(c), t)
+                          for c in range(NUM_CANDIDATES)])
+        t_rows, sample_of_row = jnp.repeat(t, NUM_CANDIDATES), None
     else:
         # Candidates of one image share its noisy latent: the U-Net runs its text-free start once
         # per image (x+, x-, xr) and repeats it into the candidates' rows.
-        latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t))(latents)
-        lat, t_rows = latents_t.reshape((-1,) + latents_t.shape[2:]), jnp.tile(t, len(latents_t))
-        sample_blocks = IMAGE_OF_CANDIDATE
+        latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t), in_axes=1, out_axes=1)(latents)
+        lat, t_rows = _rows(latents_t), jnp.repeat(t, latents_t.shape[1])
+        sample_of_row = IMAGE_OF_CANDIDATE
     lora = lora_variables(trainable["lora"], obj.lora) if obj.lora is not None and trainable.get("lora") else None
     unet_params = frozen["unet"]
     out: Dict[str, jax.Array] = {"t": t}
 
-    hid_all, pool_all = candidate_texts(hidden, pooled, range(NUM_CANDIDATES))
-    # One U-Net call: every candidate runs to the tap; stage 2's positive pair (the first n rows)
-    # goes on to the noise prediction for the denoising loss.
+    hid_all, pool_all = candidate_texts(hidden, pooled)
+    # One U-Net call: every candidate runs to the tap; stage 2's positive pair (each sample's
+    # first row) goes on to the noise prediction for the denoising loss.
     eps0, taps = unet_forward(sd.unet, unet_params, lora, lat, t_rows, hid_all, obj.taps, eps=obj.denoising,
-                              eps_rows=n if obj.denoising else None, sample_blocks=sample_blocks)
+                              eps_every=NUM_CANDIDATES if obj.denoising else None, sample_of_row=sample_of_row)
     if obj.denoising:
         out["eps"] = eps0.astype(jnp.float32)
-        out["target"] = sd.schedule.training_target(latents[0], noise, t).astype(jnp.float32)
+        out["target"] = sd.schedule.training_target(latents[:, 0], noise, t).astype(jnp.float32)
 
     heads = obj.adapter.apply({"params": trainable["adapter"]}, features_of(taps, obj.taps),
-                              jnp.tile(t, NUM_CANDIDATES), text_tokens=hid_all[-n:],
+                              jnp.repeat(t, NUM_CANDIDATES), text_tokens=hidden[:, TEXT_OF_CANDIDATE[REC_CANDIDATE]],
                               deterministic=dropout_rng is None,
                               rngs={"dropout": dropout_rng} if dropout_rng is not None else {})
-    out["scores"] = itm_score(heads["itm_embeds"], pool_all).reshape(NUM_CANDIDATES, n)
+    out["scores"] = itm_score(heads["itm_embeds"], pool_all).reshape(n, NUM_CANDIDATES).T
     for key in ("pred_logits", "pred_boxes", "proj_queries"):
-        out[key] = heads[key][-n:]
+        out[key] = _of_candidate(heads[key], REC_CANDIDATE)
     out["proj_tokens"] = heads["proj_tokens"]
     return out
 

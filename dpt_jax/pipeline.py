@@ -106,14 +106,14 @@ def _encode_text(text_encoder: CLIPTextModel, params: Params, ids: jax.Array):
 
 def unet_forward(unet: UNet2DConditionModel, params: Params, lora: Optional[Params], latents: jax.Array,
                  t: jax.Array, hidden: jax.Array, taps: Sequence[str] = (), eps: bool = True,
-                 eps_rows: Optional[int] = None, sample_blocks: Optional[Sequence[int]] = None):
+                 eps_every: Optional[int] = None, sample_of_row: Optional[Sequence[int]] = None):
     """The U-Net with optional LoRA variables (already scaled: see :func:`dpt_jax.lora.lora_variables`);
-    ``eps_rows`` and ``sample_blocks``: see :class:`dpt_jax.models.unet.UNet2DConditionModel`."""
+    ``eps_every`` and ``sample_of_row``: see :class:`dpt_jax.models.unet.UNet2DConditionModel`."""
     variables = {"params": params}
     if lora:
         variables["lora"] = lora
-    return unet.apply(variables, latents, t, hidden, taps=tuple(taps), return_eps=eps, eps_rows=eps_rows,
-                      sample_blocks=sample_blocks)
+    return unet.apply(variables, latents, t, hidden, taps=tuple(taps), return_eps=eps, eps_every=eps_every,
+                      sample_of_row=sample_of_row)
 
 
 _unet_apply = parallel.jit(lambda unet, taps, eps, params, lora, latents, t, hidden:

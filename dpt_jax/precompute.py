@@ -16,7 +16,6 @@ import os
 from typing import Any, Dict, List, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -30,8 +29,7 @@ STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 def _encode(sd: StableDiffusion, frozen: Dict[str, Any], batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
     latents, hidden, pooled = encode_batch(sd, frozen, batch)
-    return {"latents": jnp.swapaxes(latents, 0, 1), "hidden": jnp.swapaxes(hidden, 0, 1),
-            "pooled": jnp.swapaxes(pooled, 0, 1)}
+    return {"latents": latents, "hidden": hidden, "pooled": pooled}
 
 
 class Encoder:

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from dpt_jax import parallel, scheduler
 from dpt_jax.models.adapter import DiscriminativeAdapter, itm_score
+from dpt_jax.models.layers import stack_rows
 from dpt_jax.objective import features_of
 from dpt_jax.pipeline import StableDiffusion, unet_forward, vae_decode
 
@@ -73,7 +74,9 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
     sc_end = cfg.steps if cfg.sc_end is None else cfg.sc_end
     use_cfg = cfg.guidance != 1.0
     use_sc = cfg.eta_sc != 0.0 and models.adapter is not None
-    text = jnp.concatenate([uncond, cond]) if use_cfg else None
+    # Guidance's two branches of a sample are neighbouring rows (uncond, cond): the batch is split
+    # over devices by samples, so no device needs another's rows.
+    text = stack_rows([uncond, cond]) if use_cfg else None
 
     def step(z, xs):
         t, prev_t, i = xs
@@ -83,9 +86,10 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
             zc = z + jnp.where((i >= cfg.sc_start) & (i < sc_end), 1.0, 0.0).astype(z.dtype) * shift
         if use_cfg:
             # Without self-correction both branches see z: the U-Net's text-free start runs once.
-            latents, blocks = (jnp.concatenate([z, zc]), None) if use_sc else (z, (0, 0))
-            eps, _ = unet_forward(models.sd.unet, unet_params, None, latents, t, text, sample_blocks=blocks)
-            eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
+            latents, sample_of_row = (stack_rows([z, zc]), None) if use_sc else (z, (0, 0))
+            eps, _ = unet_forward(models.sd.unet, unet_params, None, latents, t, text, sample_of_row=sample_of_row)
+            eps = eps.astype(jnp.float32).reshape((-1, 2) + eps.shape[1:])
+            eps_u, eps_c = eps[:, 0], eps[:, 1]
             eps = eps_u + cfg.guidance * (eps_c - eps_u)
         else:
             eps, _ = unet_forward(models.sd.unet, unet_params, None, zc, t, cond)

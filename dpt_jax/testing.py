@@ -7,8 +7,10 @@ spell whole words of the shapes world, so captions tokenise to one token per wor
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 _IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding dpt_jax/
@@ -27,6 +29,32 @@ def cpu_process_env(devices: Optional[int] = None, drop: Iterable[str] = ()) -> 
         env["XLA_FLAGS"] = " ".join(flags + [f"{count}={devices}"])
     return env
 
+
+
+def with_hlo_dump(env: Dict[str, str], folder: str, module: str) -> Dict[str, str]:
+    """``env`` with XLA writing the optimised HLO of the programs named ``jit_<module>`` into
+    ``folder``; the persistent compilation cache is off, as a program read from it is not
+    compiled and so not written."""
+    env = dict(env)
+    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), f"--xla_dump_to={folder}",
+                                              f"--xla_dump_hlo_module_re=jit_{module}"]))
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    return env
+
+
+# Collectives that move rows or weights between devices; data parallelism needs only all-reduce.
+ROW_MOVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "ragged-all-to-all")
+
+
+def row_moves(folder: str, module: str) -> List[str]:
+    """The instructions of ``jit_<module>``'s optimised HLO dumped in ``folder``
+    (:func:`with_hlo_dump`) that move data between devices other than by all-reduce. Raises
+    FileNotFoundError when no such HLO was dumped."""
+    paths = glob.glob(os.path.join(folder, f"*jit_{module}*after_optimizations.txt"))
+    if not paths:
+        raise FileNotFoundError(f"no optimised HLO of jit_{module} in {folder}: {sorted(os.listdir(folder))[:10]}")
+    pattern = re.compile(r"\s(%s)(-start)?\(" % "|".join(ROW_MOVES))
+    return [line.strip()[:200] for path in paths for line in open(path) if pattern.search(line)]
 
 WORDS = (
     "a an the one two three and of to left right above below leftmost rightmost topmost bottommost photo "

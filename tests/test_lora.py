@@ -239,7 +239,7 @@ def test_candidates_share_the_unet_start_and_give_the_same_losses(sd, monkeypatc
     # losses (LoRA, taps, the positive pair's full pass) equal those of the U-Net run on every
     # candidate's own copy of its latent. The U-Net test checks the gradients.
     from dpt_jax import objective
-    from dpt_jax.models.layers import repeat_row_blocks
+    from dpt_jax.models.layers import regroup_rows
     config = tiny("tune")
     config.batch_size, config.adapter.dropout = 2, 0.0
     obj = build_objective(config, sd)
@@ -253,11 +253,11 @@ def test_candidates_share_the_unet_start_and_give_the_same_losses(sd, monkeypatc
 
     shared_forward = objective.unet_forward
 
-    def every_candidate_in_full(unet, params, lora, latents, t, hidden, taps=(), eps=True, eps_rows=None,
-                                sample_blocks=None):
-        calls.append(sample_blocks)
-        return shared_forward(unet, params, lora, repeat_row_blocks(latents, sample_blocks),
-                              repeat_row_blocks(t, sample_blocks), hidden, taps, eps, eps_rows)
+    def every_candidate_in_full(unet, params, lora, latents, t, hidden, taps=(), eps=True, eps_every=None,
+                                sample_of_row=None):
+        calls.append(sample_of_row)
+        return shared_forward(unet, params, lora, regroup_rows(latents, sample_of_row),
+                              regroup_rows(t, sample_of_row), hidden, taps, eps, eps_every)
     shared = losses()
     monkeypatch.setattr(objective, "unet_forward", every_candidate_in_full)
     full = losses()

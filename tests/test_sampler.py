@@ -11,7 +11,7 @@ import pytest
 from dpt_jax.default_config import tiny
 from dpt_jax.pipeline import load_pretrained
 from dpt_jax.sampler import Generator, Models, SamplerConfig, adapter_score, initial_latents
-from dpt_jax.testing import cpu_process_env, make_tiny_sd_dir
+from dpt_jax.testing import cpu_process_env, make_tiny_sd_dir, row_moves, with_hlo_dump
 from dpt_jax.train import build_objective, init_adapter_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,14 +96,17 @@ def test_compiles_once_for_batches_of_one_shape(sd, adapter):
 
 def test_eight_devices_give_the_same_images_as_one(tmp_path):
     script = os.path.join(REPO, "tests", "sampler_devices_script.py")
-    outputs = {}
+    outputs, hlo = {}, str(tmp_path / "hlo")
     for devices in (1, 8):
         out = str(tmp_path / f"d{devices}.npz")
-        result = subprocess.run([sys.executable, script, out], env=cpu_process_env(devices), cwd=REPO,
-                                capture_output=True, text=True, timeout=600)
+        env = cpu_process_env(devices)
+        result = subprocess.run([sys.executable, script, out], cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env=with_hlo_dump(env, hlo, "denoise") if devices == 8 else env)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[devices] = np.load(out)
     assert int(outputs[8]["devices"]) == 8
+    # Guidance's two branches of an image are neighbouring rows: no step moves rows between devices.
+    assert row_moves(hlo, "denoise") == []
     _assert_same_images(outputs[1]["latents"], outputs[8]["latents"], outputs[1]["images"], outputs[8]["images"],
                         "8 devices vs 1 device")
 

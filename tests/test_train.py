@@ -12,7 +12,7 @@ from dpt_jax.default_config import load_config_file, tiny
 from dpt_jax.evaluate import evaluate_discriminative
 from dpt_jax.metrics import read_metrics
 from dpt_jax.train import build_objective, load_trained, make_dataset, train
-from dpt_jax.testing import cpu_process_env
+from dpt_jax.testing import cpu_process_env, row_moves, with_hlo_dump
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,10 +77,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, stage, monkeypatch):
     assert [rows_part[s] for s in range(1, 7)] == [rows_full[s] for s in range(1, 7)]
 
 
-def _cli_train(workdir, *flags, devices=1, config="probe_tiny.py"):
+def _cli_train(workdir, *flags, devices=1, config="probe_tiny.py", hlo_dump=None):
     cmd = [sys.executable, "-m", "dpt_jax.cli", "train", "--config", os.path.join(REPO, "configs", config),
            "--workdir", workdir, *flags]
-    return subprocess.run(cmd, env=cpu_process_env(devices), cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = cpu_process_env(devices)
+    if hlo_dump:
+        env = with_hlo_dump(env, hlo_dump, "train_step")
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("config", ["probe_tiny.py", "tune_tiny.py"])
@@ -89,12 +92,15 @@ def test_eight_devices_match_one_device(tmp_path, config):
              "--config.checkpoint_every=3", "--config.log_every=1"]
     if config == "tune_tiny.py":  # 2 micro-batches must split over 8 devices
         flags.append("--config.batch_size=16")
-    runs = {}
+    runs, hlo = {}, str(tmp_path / "hlo")
     for devices in (1, 8):
         workdir = str(tmp_path / f"dev{devices}")
-        result = _cli_train(workdir, *flags, devices=devices, config=config)
+        result = _cli_train(workdir, *flags, devices=devices, config=config, hlo_dump=hlo if devices == 8 else None)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[devices] = workdir
+    # Data parallelism: a sample's candidate rows stay on the sample's device, so the step's only
+    # collectives are all-reduces (gradients, metrics), none that moves rows between devices.
+    assert row_moves(hlo, "train_step") == []
     diff = _max_diff(_params(runs[1]), _params(runs[8]))
     print(f"{config}: max |params(8 devices) - params(1 device)| = {diff:.2e}")
     # The first step agrees to float32 rounding: the same samples and math, the gradients' mean

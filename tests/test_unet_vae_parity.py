@@ -145,52 +145,55 @@ def test_early_exit_matches_and_costs_less(tiny_unet_sd2):
     assert _flops(early) < _flops(u.full)
 
 
-def test_eps_rows_continue_past_the_tap_and_the_others_stop(tiny_unet_sd2):
-    # DPT stage 2 in one call: every row to the tap, the first row on to the noise prediction.
+def test_first_row_of_each_group_continues_past_the_tap_and_the_others_stop(tiny_unet_sd2):
+    # DPT stage 2 in one call: every row to the tap, each sample's first row on to the noise prediction.
     u = tiny_unet_sd2
-    split = jax.jit(lambda p, *a: u.model.apply({"params": p}, *a, taps=("up1",), eps_rows=1)).lower(
+    split = jax.jit(lambda p, *a: u.model.apply({"params": p}, *a, taps=("up1",), eps_every=2)).lower(
         u.params, *u.inputs).compile()
     eps, feats = split(u.params, *u.inputs)
     full_eps, full_feats = u.full(u.params, *u.inputs)
     assert eps.shape == (1,) + full_eps.shape[1:] and feats["up1"].shape == full_feats["up1"].shape
-    assert _max_err(eps, full_eps[:1]) <= 1e-5
+    assert _max_err(eps, full_eps[::2]) <= 1e-5
     assert _max_err(feats["up1"], full_feats["up1"]) <= 1e-5
     assert _flops(split) < _flops(u.full)
-    with pytest.raises(ValueError, match="eps_rows"):
-        u.model.apply({"params": u.params}, *u.inputs, taps=(), eps_rows=1)
+    with pytest.raises(ValueError, match="eps_every"):
+        u.model.apply({"params": u.params}, *u.inputs, taps=(), eps_every=2)
+    with pytest.raises(ValueError, match="eps_every=3 must divide the 2 rows"):
+        u.model.apply({"params": u.params}, *u.inputs, taps=("up1",), eps_every=3)
 
 
-def test_sample_blocks_equal_the_repeated_samples(tiny_unet_sd2):
-    # DPT's candidates: two distinct samples, the first conditioned on two texts. The shared start
-    # gives what the repeated samples give: outputs exactly, weight gradients to float32 rounding
-    # of a different summation order (measured 8e-7 relative); and it costs fewer flops.
+def test_sample_of_row_equal_the_repeated_samples(tiny_unet_sd2):
+    # DPT's candidates: two samples of two distinct latents each, each sample's first latent
+    # conditioned on two texts. The shared start gives what the repeated latents give: outputs
+    # exactly, weight gradients to float32 rounding of a different summation order (measured 8e-7
+    # relative); and it costs fewer flops.
     u = tiny_unet_sd2
-    x, t, _ = u.inputs
-    context = unet_inputs(u.config, batch=3, seed=3)[2]
-    blocks, rows = (0, 1, 0), np.array([0, 1, 0])
-    weights = np.random.default_rng(4).standard_normal((3,) + x.shape[1:]).astype(np.float32)
+    x, t, _ = unet_inputs(u.config, batch=4, seed=5)
+    context = unet_inputs(u.config, batch=6, seed=3)[2]
+    sample_of_row, rows = (0, 1, 0), np.array([0, 1, 0, 2, 3, 2])
+    weights = np.random.default_rng(4).standard_normal((6,) + x.shape[1:]).astype(np.float32)
 
-    def outputs_and_grads(blocks, x, t):
+    def outputs_and_grads(sample_of_row, x, t):
         def loss(p):
-            eps, feats = u.model.apply({"params": p}, x, t, context, taps=TAP_NAMES, sample_blocks=blocks)
+            eps, feats = u.model.apply({"params": p}, x, t, context, taps=TAP_NAMES, sample_of_row=sample_of_row)
             return (eps * weights).sum(), (eps, feats)
         compiled = jax.jit(jax.grad(loss, has_aux=True)).lower(u.params).compile()
         return compiled(u.params), _flops(compiled)
-    (grads, (eps, feats)), flops = outputs_and_grads(blocks, x, t)
+    (grads, (eps, feats)), flops = outputs_and_grads(sample_of_row, x, t)
     (ref_grads, (ref_eps, ref_feats)), ref_flops = outputs_and_grads(None, x[rows], t[rows])
-    assert eps.shape == ref_eps.shape == (3,) + x.shape[1:]
+    assert eps.shape == ref_eps.shape == (6,) + x.shape[1:]
     assert max(_max_err(eps, ref_eps), *(_max_err(feats[n], ref_feats[n]) for n in TAP_NAMES)) <= 1e-6
     rel = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max()), grads, ref_grads)
     assert max(jax.tree.leaves(rel)) <= 1e-5
     assert flops < ref_flops
 
 
-@pytest.mark.parametrize("blocks, rows, match", [((0, 2), 4, "each of its blocks"), ((0, 1, 0), 4, "has 4")])
-def test_bad_sample_blocks_are_named(tiny_unet_sd2, blocks, rows, match):
+@pytest.mark.parametrize("sample_of_row, rows, match", [((0, 2), 4, "name each sample"), ((0, 1, 0), 4, "has 4")])
+def test_bad_sample_of_row_is_named(tiny_unet_sd2, sample_of_row, rows, match):
     u = tiny_unet_sd2
     context = unet_inputs(u.config, batch=rows)[2]
     with pytest.raises(ValueError, match=match):
-        u.model.apply({"params": u.params}, u.inputs[0], u.inputs[1], context, sample_blocks=blocks)
+        u.model.apply({"params": u.params}, u.inputs[0], u.inputs[1], context, sample_of_row=sample_of_row)
 
 
 def test_unknown_tap_lists_valid_ones(tiny_unet_sd2):
@@ -201,11 +204,11 @@ def test_unknown_tap_lists_valid_ones(tiny_unet_sd2):
 
 def test_remat_on_odd_size_matches_diffusers(tiny_unet_sd2):
     # 12 is no multiple of the U-Net's total downsampling (8): the up path resizes to each skip's size.
-    # The remat down blocks take sample_blocks as a static argument: (0, 1) repeats nothing.
+    # The remat down blocks take sample_of_row as a static argument: (0, 1) repeats nothing.
     u = tiny_unet_sd2
     model = UNet2DConditionModel(u.config, remat=True)
     inputs = unet_inputs(u.config, size=12, seed=1)
-    fn = lambda p, *a: model.apply({"params": p}, *a, taps=("up2",), sample_blocks=(0, 1))  # noqa: E731
+    fn = lambda p, *a: model.apply({"params": p}, *a, taps=("up2",), sample_of_row=(0, 1))  # noqa: E731
     assert re.search(r"\b(remat\d*|checkpoint)\[", str(jax.make_jaxpr(fn)(u.params, *inputs)))
     eps, feats = jax.jit(fn)(u.params, *inputs)
     ref_eps, ref_feats = torch_unet_reference(u.torch, *inputs)

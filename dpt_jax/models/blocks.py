@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dpt_jax.models.attention import attention
-from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, gelu_exact, repeat_row_blocks, resize_nearest
+from dpt_jax.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, gelu_exact, regroup_rows, resize_nearest
 
 Dtype = Any
 
@@ -150,7 +150,7 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention, cross-attention to ``context``, GEGLU feed-forward.
 
-    ``sample_blocks`` (see :class:`dpt_jax.models.unet.UNet2DConditionModel`): ``x`` holds the
+    ``sample_of_row`` (see :class:`dpt_jax.models.unet.UNet2DConditionModel`): ``x`` holds the
     distinct samples; the self-attention runs on them and its output is repeated into the rows
     of ``context`` before the cross-attention, the first place the rows differ."""
     heads: int
@@ -160,12 +160,12 @@ class BasicTransformerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, sample_blocks: Optional[Tuple[int, ...]] = None
+    def __call__(self, x: jax.Array, context: jax.Array, sample_of_row: Optional[Tuple[int, ...]] = None
                  ) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, dim_head=self.dim_head, upcast=self.upcast, **kw)
         x = x + Attention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x))
-        x = repeat_row_blocks(x, sample_blocks)
+        x = regroup_rows(x, sample_of_row)
         x = x + Attention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context)
         return x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
 
@@ -182,7 +182,7 @@ class TransformerSpec:
 class Transformer2DModel(nn.Module):
     """diffusers' continuous-input ``Transformer2DModel``: GroupNorm, ``proj_in`` (Linear on tokens
     if ``use_linear_projection`` else 1x1 conv on the map), transformer blocks, ``proj_out``, residual.
-    ``sample_blocks``: the first transformer block repeats the samples into the rows of ``context``
+    ``sample_of_row``: the first transformer block repeats the samples into the rows of ``context``
     (:class:`BasicTransformerBlock`); the output has the rows of ``context``."""
     spec: TransformerSpec
     groups: int = 32
@@ -190,7 +190,7 @@ class Transformer2DModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, sample_blocks: Optional[Tuple[int, ...]] = None
+    def __call__(self, x: jax.Array, context: jax.Array, sample_of_row: Optional[Tuple[int, ...]] = None
                  ) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
@@ -208,6 +208,6 @@ class Transformer2DModel(nn.Module):
         for i in range(self.spec.num_layers):
             hidden = BasicTransformerBlock(self.spec.heads, dim_head, self.spec.upcast_attention,
                                            name=f"transformer_blocks_{i}", **kw)(
-                                               hidden, context, sample_blocks if i == 0 else None)
-        x = repeat_row_blocks(x, sample_blocks)
+                                               hidden, context, sample_of_row if i == 0 else None)
+        x = regroup_rows(x, sample_of_row)
         return proj(c, "proj_out")(hidden.reshape(x.shape[:3] + (inner,))) + x.astype(self.dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -131,14 +131,24 @@ def resize_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
     return x[:, rows][:, :, cols]
 
 
-def repeat_row_blocks(x: jax.Array, blocks: Optional[Tuple[int, ...]]) -> jax.Array:
-    """``x``'s rows as ``max(blocks) + 1`` equal blocks, put together in the order ``blocks`` names
-    them (a block may come several times); ``blocks`` None returns ``x``. A concatenation of
-    slices, so its gradient is a sum of slices rather than a scatter."""
-    if blocks is None:
+def stack_rows(arrays: Sequence[jax.Array]) -> jax.Array:
+    """Arrays [n, ...] -> rows a_0, b_0, ..., a_1, b_1, ... [n * len(arrays), ...]: each sample's
+    rows together (see :func:`regroup_rows`)."""
+    return jnp.stack(arrays, axis=1).reshape((-1,) + arrays[0].shape[1:])
+
+
+def regroup_rows(x: jax.Array, pick: Optional[Tuple[int, ...]]) -> jax.Array:
+    """``x``'s rows as consecutive groups of ``k = max(pick) + 1`` (one group per sample), each
+    group made into ``len(pick)`` rows, its row ``pick[j]`` in place j (a row may be taken several
+    times); ``pick`` None returns ``x``.
+
+    Groups stay whole and in place, so rows sharded over devices by group stay on their device.
+    A concatenation of slices, so its gradient is a sum of slices rather than a scatter."""
+    if pick is None:
         return x
-    parts = jnp.split(x, max(blocks) + 1)
-    return jnp.concatenate([parts[b] for b in blocks])
+    groups = x.reshape((-1, max(pick) + 1) + x.shape[1:])
+    picked = jnp.concatenate([groups[:, p:p + 1] for p in pick], axis=1)
+    return picked.reshape((-1,) + x.shape[1:])
 
 
 class Conv2d(nn.Module):

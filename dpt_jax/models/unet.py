@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dpt_jax.models.blocks import TransformerSpec
-from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, repeat_row_blocks, timestep_embedding
+from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, regroup_rows, timestep_embedding
 from dpt_jax.models.unet_blocks import DownBlock2D, MidBlock2D, UpBlock2D
 from dpt_jax.weights import read_json
 
@@ -174,7 +174,7 @@ class UNet2DConditionModel(nn.Module):
         blocks = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw)
         down_cls, mid_cls, up_cls = DownBlock2D, MidBlock2D, UpBlock2D
         if self.remat:
-            down_cls = nn.remat(DownBlock2D, static_argnums=(4,))  # self, x, temb, context, sample_blocks
+            down_cls = nn.remat(DownBlock2D, static_argnums=(4,))  # self, x, temb, context, sample_of_row
             mid_cls = nn.remat(MidBlock2D)
             up_cls = nn.remat(UpBlock2D, static_argnums=(5,))  # self, x, skips, temb, context, upsample_size
         c0, n = cfg.block_out_channels[0], len(cfg.block_out_channels)
@@ -202,40 +202,46 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"unknown U-Net tap(s) {unknown}; valid taps: {', '.join(names)}")
         return max((names.index(t) for t in taps), default=-1)
 
-    def _check_sample_blocks(self, blocks: Tuple[int, ...], samples: int, rows: int) -> None:
-        if sorted(set(blocks)) != list(range(max(blocks) + 1)) or samples % (max(blocks) + 1):
-            raise ValueError(f"sample_blocks={blocks} must name each of its blocks 0..k-1 of the {samples} "
-                             "samples at least once, and k must divide the number of samples")
-        if rows != len(blocks) * samples // (max(blocks) + 1):
-            raise ValueError(f"sample_blocks={blocks} repeat {samples} samples into "
-                             f"{len(blocks) * samples // (max(blocks) + 1)} rows, but encoder_hidden_states "
-                             f"has {rows}")
+    def _check_sample_of_row(self, sample_of_row: Tuple[int, ...], samples: int, rows: int) -> None:
+        k = max(sample_of_row) + 1
+        if sorted(set(sample_of_row)) != list(range(k)) or samples % k:
+            raise ValueError(f"sample_of_row={sample_of_row} must name each sample 0..k-1 of a group at least "
+                             f"once, and groups of k={k} must divide the {samples} samples")
+        if rows != len(sample_of_row) * samples // k:
+            raise ValueError(f"sample_of_row={sample_of_row} makes {samples} samples into "
+                             f"{len(sample_of_row) * samples // k} rows, but encoder_hidden_states has {rows}")
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 taps: Sequence[str] = (), return_eps: bool = True, eps_rows: Optional[int] = None,
-                 sample_blocks: Optional[Sequence[int]] = None) -> Tuple[Optional[jax.Array], Dict[str, jax.Array]]:
+                 taps: Sequence[str] = (), return_eps: bool = True, eps_every: Optional[int] = None,
+                 sample_of_row: Optional[Sequence[int]] = None) -> Tuple[Optional[jax.Array], Dict[str, jax.Array]]:
         """``sample`` [B, H, W, C]; ``timesteps`` [B] or a scalar; ``encoder_hidden_states`` [B, L, D].
 
         Returns the noise prediction (None when ``return_eps`` is False: then no block after the
-        last requested tap runs) and a dict tap name -> NHWC feature map. ``eps_rows`` k: only
-        the first k rows go on past the last tap, so the prediction has k rows and the other
-        rows share the passes up to the tap (DPT's one full pass among the discriminative ones).
+        last requested tap runs) and a dict tap name -> NHWC feature map. ``eps_every`` s: only
+        the first row of each group of s rows goes on past the last tap, so the prediction has
+        B / s rows and the other rows share the passes up to the tap (DPT's one full pass among
+        the discriminative ones).
 
-        ``sample_blocks``: several texts per sample (DPT's candidates, or guidance's two branches
-        of one latent). ``sample`` and ``timesteps`` then hold k equal blocks of distinct rows, and
-        the rows of ``encoder_hidden_states`` (and of every output) are the blocks in the order
-        ``sample_blocks`` names them. Everything before the first cross-attention (``conv_in``,
-        the first resnet, the first self-attention) runs once per distinct sample; the result is
-        what the repeated samples would give.
+        ``sample_of_row``: several texts per sample (DPT's candidates, or guidance's two branches
+        of one latent). ``sample`` and ``timesteps`` then hold groups of k distinct rows, and the
+        rows of ``encoder_hidden_states`` (and of every output) groups of ``len(sample_of_row)``,
+        row j of a group paired with its group's sample ``sample_of_row[j]``. Everything before
+        the first cross-attention (``conv_in``, the first resnet, the first self-attention) runs
+        once per distinct sample; the result is what the repeated samples would give.
+
+        Rows that belong together are neighbours, so a batch split over devices by groups of
+        rows is never moved between them (:func:`dpt_jax.models.layers.regroup_rows`).
         """
         taps = (taps,) if isinstance(taps, str) else tuple(taps)
-        sample_blocks = tuple(int(b) for b in sample_blocks) if sample_blocks is not None else None
-        if sample_blocks is not None:
-            self._check_sample_blocks(sample_blocks, sample.shape[0], encoder_hidden_states.shape[0])
+        sample_of_row = tuple(int(b) for b in sample_of_row) if sample_of_row is not None else None
+        if sample_of_row is not None:
+            self._check_sample_of_row(sample_of_row, sample.shape[0], encoder_hidden_states.shape[0])
         tap_stage = self._tap_stage(taps)
         last = len(self.config.tap_names()) if return_eps else tap_stage
-        if eps_rows is not None and not (return_eps and 0 <= tap_stage):
-            raise ValueError("eps_rows needs return_eps=True and at least one tap")
+        if eps_every is not None and not (return_eps and 0 <= tap_stage):
+            raise ValueError("eps_every needs return_eps=True and at least one tap")
+        if eps_every is not None and encoder_hidden_states.shape[0] % eps_every:
+            raise ValueError(f"eps_every={eps_every} must divide the {encoder_hidden_states.shape[0]} rows")
         cfg, n = self.config, len(self.config.block_out_channels)
         feats: Dict[str, jax.Array] = {}
         if last < 0:
@@ -245,27 +251,31 @@ class UNet2DConditionModel(nn.Module):
         emb = self.time_embedding(temb)
         context = encoder_hidden_states.astype(self.dtype)
 
+        def first_of_group(a: jax.Array) -> jax.Array:
+            return a.reshape((-1, eps_every) + a.shape[1:])[:, 0]
+
         def end_of_stage(stage: int, name: str, x: jax.Array, skips: List[jax.Array]):
             """Records a tap; narrows the rows after the last tap. Returns (done, x, skips, emb, context)."""
             if name in taps:
                 feats[name] = x
-            if stage == tap_stage and eps_rows is not None:
-                return False, x[:eps_rows], [s[:eps_rows] for s in skips], emb[:eps_rows], context[:eps_rows]
+            if stage == tap_stage and eps_every is not None:
+                return (False, first_of_group(x), [first_of_group(s) for s in skips], first_of_group(emb),
+                        first_of_group(context))
             return stage >= last, x, skips, emb, context
 
         # The first block with a transformer repeats the samples into the text's rows; the skip
         # and the time embedding made before it are repeated after it.
         first_cross = next((i for i, b in enumerate(self.down_blocks) if b.transformer is not None), None)
-        if sample_blocks is not None and first_cross is None:
-            sample, emb = repeat_row_blocks(sample, sample_blocks), repeat_row_blocks(emb, sample_blocks)
+        if sample_of_row is not None and first_cross is None:
+            sample, emb = regroup_rows(sample, sample_of_row), regroup_rows(emb, sample_of_row)
         x = self.conv_in(sample)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            blocks_here = sample_blocks if i == first_cross else None
+            blocks_here = sample_of_row if i == first_cross else None
             x, res = block(x, emb, context, blocks_here)
             if blocks_here is not None:
-                skips = [repeat_row_blocks(s, blocks_here) for s in skips]
-                emb = repeat_row_blocks(emb, blocks_here)
+                skips = [regroup_rows(s, blocks_here) for s in skips]
+                emb = regroup_rows(emb, blocks_here)
             skips.extend(res)
             done, x, skips, emb, context = end_of_stage(i, f"down{i}", x, skips)
             if done:

@@ -16,7 +16,7 @@ import flax.linen as nn
 
 from dpt_jax.models.blocks import (Attention, Downsample2D, ResnetBlock2D, Transformer2DModel, TransformerSpec,
                                    Upsample2D)
-from dpt_jax.models.layers import repeat_row_blocks
+from dpt_jax.models.layers import regroup_rows
 
 Dtype = Any
 
@@ -24,7 +24,7 @@ Dtype = Any
 class DownBlock2D(nn.Module):
     """Resnets (each followed by a transformer if ``transformer`` is set), then an optional
     stride-2 conv. Returns the output and the skip connections the up path consumes.
-    ``sample_blocks`` (a block with a transformer): the first transformer repeats the samples
+    ``sample_of_row`` (a block with a transformer): the first transformer repeats the samples
     into the rows of ``context``, and everything after it has those rows."""
     out_channels: int
     num_layers: int
@@ -38,19 +38,19 @@ class DownBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, context: Optional[jax.Array] = None,
-                 sample_blocks: Optional[Tuple[int, ...]] = None) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+                 sample_of_row: Optional[Tuple[int, ...]] = None) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if sample_blocks is not None and self.transformer is None:
-            raise ValueError("sample_blocks needs a block with a transformer (where the rows of context begin)")
+        if sample_of_row is not None and self.transformer is None:
+            raise ValueError("sample_of_row needs a block with a transformer (where the rows of context begin)")
         skips = []
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.transformer is not None:
                 x = Transformer2DModel(self.transformer, self.groups, name=f"attentions_{i}", **kw)(
-                    x, context, sample_blocks)
+                    x, context, sample_of_row)
                 if temb is not None:
-                    temb = repeat_row_blocks(temb, sample_blocks)
-                sample_blocks = None
+                    temb = regroup_rows(temb, sample_of_row)
+                sample_of_row = None
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
