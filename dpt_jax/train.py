@@ -286,13 +286,15 @@ class Trainer:
 
 
 def _summary(trainer: Trainer, rows: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
-    """The metrics logged at step ``done``, from the rows of the steps since the last log."""
+    """The metrics logged at step ``done``: each one's mean over the steps since the last log
+    (one step's loss is too noisy to follow), the learning rate at step ``done``."""
     if not all(r["finite"] > 0 for r in rows):
         losses = [float(r["loss"]) for r in rows]
         raise NonFiniteLossError(
             f"non-finite loss or gradient before step {done} (loss={losses}); the update was "
             f"skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
-    last = {k: float(v) for k, v in rows[-1].items() if k != "finite"}
+    last = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k not in ("finite", "lr")}
+    last["lr"] = float(rows[-1]["lr"])
     last["steps_per_s"] = len(rows) / seconds
     if hasattr(trainer.train_data, "bad_images"):  # image-file readers skip and count bad images
         last["bad_images"] = float(trainer.train_data.bad_images)
