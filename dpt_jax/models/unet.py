@@ -271,11 +271,11 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            blocks_here = sample_of_row if i == first_cross else None
-            x, res = block(x, emb, context, blocks_here)
-            if blocks_here is not None:
-                skips = [regroup_rows(s, blocks_here) for s in skips]
-                emb = regroup_rows(emb, blocks_here)
+            sample_of_row_here = sample_of_row if i == first_cross else None
+            x, res = block(x, emb, context, sample_of_row_here)
+            if sample_of_row_here is not None:
+                skips = [regroup_rows(s, sample_of_row_here) for s in skips]
+                emb = regroup_rows(emb, sample_of_row_here)
             skips.extend(res)
             done, x, skips, emb, context = end_of_stage(i, f"down{i}", x, skips)
             if done:
