@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from dpt_jax import losses
 from dpt_jax.lora import LoraSpec, lora_variables
 from dpt_jax.models.adapter import DiscriminativeAdapter, itm_score
-from dpt_jax.models.layers import regroup_rows, stack_rows
+from dpt_jax.models.layers import nth_of_each_group, regroup_rows, stack_rows
 from dpt_jax.pipeline import StableDiffusion, unet_forward, vae_encode
 
 Params = Dict[str, Any]
@@ -58,11 +58,6 @@ def features_of(taps: Dict[str, jax.Array], names: Sequence[str]) -> Any:
 def _rows(x: jax.Array) -> jax.Array:
     """[n, k, ...] -> [n * k, ...]: sample-major rows."""
     return x.reshape((-1,) + x.shape[2:])
-
-
-def _of_candidate(rows: jax.Array, candidate: int) -> jax.Array:
-    """Candidate ``candidate``'s rows [n, ...] of sample-major candidate rows [n * 6, ...]."""
-    return rows.reshape((-1, NUM_CANDIDATES) + rows.shape[1:])[:, candidate]
 
 
 def encode_batch(sd: StableDiffusion, frozen: Params, batch: Dict[str, jax.Array]
@@ -157,7 +152,7 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
                               rngs={"dropout": dropout_rng} if dropout_rng is not None else {})
     out["scores"] = itm_score(heads["itm_embeds"], pool_all).reshape(n, NUM_CANDIDATES).T
     for key in ("pred_logits", "pred_boxes", "proj_queries"):
-        out[key] = _of_candidate(heads[key], REC_CANDIDATE)
+        out[key] = nth_of_each_group(heads[key], NUM_CANDIDATES, REC_CANDIDATE)
     out["proj_tokens"] = heads["proj_tokens"]
     return out
 

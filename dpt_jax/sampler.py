@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from dpt_jax import parallel, scheduler
 from dpt_jax.models.adapter import DiscriminativeAdapter, itm_score
-from dpt_jax.models.layers import stack_rows
+from dpt_jax.models.layers import nth_of_each_group, stack_rows
 from dpt_jax.objective import features_of
 from dpt_jax.pipeline import StableDiffusion, unet_forward, vae_decode
 
@@ -88,8 +88,8 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
             # Without self-correction both branches see z: the U-Net's text-free start runs once.
             latents, sample_of_row = (stack_rows([z, zc]), None) if use_sc else (z, (0, 0))
             eps, _ = unet_forward(models.sd.unet, unet_params, None, latents, t, text, sample_of_row=sample_of_row)
-            eps = eps.astype(jnp.float32).reshape((-1, 2) + eps.shape[1:])
-            eps_u, eps_c = eps[:, 0], eps[:, 1]
+            eps = eps.astype(jnp.float32)
+            eps_u, eps_c = nth_of_each_group(eps, 2, 0), nth_of_each_group(eps, 2, 1)
             eps = eps_u + cfg.guidance * (eps_c - eps_u)
         else:
             eps, _ = unet_forward(models.sd.unet, unet_params, None, zc, t, cond)

@@ -137,6 +137,11 @@ def stack_rows(arrays: Sequence[jax.Array]) -> jax.Array:
     return jnp.stack(arrays, axis=1).reshape((-1,) + arrays[0].shape[1:])
 
 
+def nth_of_each_group(x: jax.Array, size: int, n: int) -> jax.Array:
+    """Row ``n`` of each consecutive group of ``size`` rows: [g * size, ...] -> [g, ...]."""
+    return x.reshape((-1, size) + x.shape[1:])[:, n]
+
+
 def regroup_rows(x: jax.Array, pick: Optional[Tuple[int, ...]]) -> jax.Array:
     """``x``'s rows as consecutive groups of ``k = max(pick) + 1`` (one group per sample), each
     group made into ``len(pick)`` rows, its row ``pick[j]`` in place j (a row may be taken several

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dpt_jax.models.blocks import TransformerSpec
-from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, regroup_rows, timestep_embedding
+from dpt_jax.models.layers import Conv2d, GroupNorm, Linear, nth_of_each_group, regroup_rows, timestep_embedding
 from dpt_jax.models.unet_blocks import DownBlock2D, MidBlock2D, UpBlock2D
 from dpt_jax.weights import read_json
 
@@ -252,7 +252,7 @@ class UNet2DConditionModel(nn.Module):
         context = encoder_hidden_states.astype(self.dtype)
 
         def first_of_group(a: jax.Array) -> jax.Array:
-            return a.reshape((-1, eps_every) + a.shape[1:])[:, 0]
+            return nth_of_each_group(a, eps_every, 0)
 
         def end_of_stage(stage: int, name: str, x: jax.Array, skips: List[jax.Array]):
             """Records a tap; narrows the rows after the last tap. Returns (done, x, skips, emb, context)."""
