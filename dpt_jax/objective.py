@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from dpt_jax import losses
 from dpt_jax.lora import LoraSpec, lora_variables
 from dpt_jax.models.adapter import DiscriminativeAdapter, itm_score
-from dpt_jax.models.layers import nth_of_each_group, regroup_rows, stack_rows
+from dpt_jax.models.layers import flatten_groups, nth_of_each_group, regroup_rows, stack_rows
 from dpt_jax.pipeline import StableDiffusion, unet_forward, vae_encode
 
 Params = Dict[str, Any]
@@ -55,11 +55,6 @@ def features_of(taps: Dict[str, jax.Array], names: Sequence[str]) -> Any:
     return taps[names[0]] if len(names) == 1 else {n: taps[n] for n in names}
 
 
-def _rows(x: jax.Array) -> jax.Array:
-    """[n, k, ...] -> [n * k, ...]: sample-major rows."""
-    return x.reshape((-1,) + x.shape[2:])
-
-
 def encode_batch(sd: StableDiffusion, frozen: Params, batch: Dict[str, jax.Array]
                  ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Sample-major latents of (x+, x-, xr) [n, 3, ...] and text states of (c+, c-, cr, ref)
@@ -85,7 +80,7 @@ def encode_batch(sd: StableDiffusion, frozen: Params, batch: Dict[str, jax.Array
 
 def candidate_texts(hidden: jax.Array, pooled: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """The text states of every candidate, sample-major rows [n * 6, ...]."""
-    return regroup_rows(_rows(hidden), TEXT_OF_CANDIDATE), regroup_rows(_rows(pooled), TEXT_OF_CANDIDATE)
+    return tuple(regroup_rows(flatten_groups(x), TEXT_OF_CANDIDATE) for x in (hidden, pooled))
 
 
 def sample_noise(obj: Any, rng: jax.Array, sample_id: jax.Array, latent_shape: Tuple[int, ...],
@@ -118,6 +113,7 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
     n = latents.shape[0]
     t, noise = sample_noise(obj, rng, batch["sample_id"], latents.shape[2:], timestep)
     noise = noise.astype(latents.dtype)
+    t_candidates = jnp.repeat(t, NUM_CANDIDATES)
     if fresh_noise:
         def noise_of(c: int) -> jax.Array:  # candidate 0 keeps the sample's own draw
             if c == 0:
@@ -126,12 +122,12 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
             return fresh.astype(latents.dtype)
         lat = stack_rows([sd.schedule.add_noise(latents[:, IMAGE_OF_CANDIDATE[c]], noise_of(c), t)
                           for c in range(NUM_CANDIDATES)])
-        t_rows, sample_of_row = jnp.repeat(t, NUM_CANDIDATES), None
+        t_rows, sample_of_row = t_candidates, None
     else:
         # Candidates of one image share its noisy latent: the U-Net runs its text-free start once
         # per image (x+, x-, xr) and repeats it into the candidates' rows.
         latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t), in_axes=1, out_axes=1)(latents)
-        lat, t_rows = _rows(latents_t), jnp.repeat(t, latents_t.shape[1])
+        lat, t_rows = flatten_groups(latents_t), jnp.repeat(t, latents_t.shape[1])
         sample_of_row = IMAGE_OF_CANDIDATE
     lora = lora_variables(trainable["lora"], obj.lora) if obj.lora is not None and trainable.get("lora") else None
     unet_params = frozen["unet"]
@@ -147,7 +143,7 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
         out["target"] = sd.schedule.training_target(latents[:, 0], noise, t).astype(jnp.float32)
 
     heads = obj.adapter.apply({"params": trainable["adapter"]}, features_of(taps, obj.taps),
-                              jnp.repeat(t, NUM_CANDIDATES), text_tokens=hidden[:, TEXT_OF_CANDIDATE[REC_CANDIDATE]],
+                              t_candidates, text_tokens=hidden[:, TEXT_OF_CANDIDATE[REC_CANDIDATE]],
                               deterministic=dropout_rng is None,
                               rngs={"dropout": dropout_rng} if dropout_rng is not None else {})
     out["scores"] = itm_score(heads["itm_embeds"], pool_all).reshape(n, NUM_CANDIDATES).T

@@ -30,7 +30,6 @@ def cpu_process_env(devices: Optional[int] = None, drop: Iterable[str] = ()) -> 
     return env
 
 
-
 def with_hlo_dump(env: Dict[str, str], folder: str, module: str) -> Dict[str, str]:
     """``env`` with XLA writing the optimised HLO of the programs named ``jit_<module>`` into
     ``folder``; the persistent compilation cache is off, as a program read from it is not
@@ -55,6 +54,7 @@ def row_moves(folder: str, module: str) -> List[str]:
         raise FileNotFoundError(f"no optimised HLO of jit_{module} in {folder}: {sorted(os.listdir(folder))[:10]}")
     pattern = re.compile(r"\s(%s)(-start)?\(" % "|".join(ROW_MOVES))
     return [line.strip()[:200] for path in paths for line in open(path) if pattern.search(line)]
+
 
 WORDS = (
     "a an the one two three and of to left right above below leftmost rightmost topmost bottommost photo "

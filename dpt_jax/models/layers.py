@@ -131,10 +131,15 @@ def resize_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
     return x[:, rows][:, :, cols]
 
 
+def flatten_groups(x: jax.Array) -> jax.Array:
+    """[n, k, ...] -> [n * k, ...]: each group's k rows together (sample-major rows)."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
 def stack_rows(arrays: Sequence[jax.Array]) -> jax.Array:
     """Arrays [n, ...] -> rows a_0, b_0, ..., a_1, b_1, ... [n * len(arrays), ...]: each sample's
     rows together (see :func:`regroup_rows`)."""
-    return jnp.stack(arrays, axis=1).reshape((-1,) + arrays[0].shape[1:])
+    return flatten_groups(jnp.stack(arrays, axis=1))
 
 
 def nth_of_each_group(x: jax.Array, size: int, n: int) -> jax.Array:
@@ -152,8 +157,7 @@ def regroup_rows(x: jax.Array, pick: Optional[Tuple[int, ...]]) -> jax.Array:
     if pick is None:
         return x
     groups = x.reshape((-1, max(pick) + 1) + x.shape[1:])
-    picked = jnp.concatenate([groups[:, p:p + 1] for p in pick], axis=1)
-    return picked.reshape((-1,) + x.shape[1:])
+    return flatten_groups(jnp.concatenate([groups[:, p:p + 1] for p in pick], axis=1))
 
 
 class Conv2d(nn.Module):
