@@ -163,6 +163,31 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(params))
 
 
+def test_global_norm_and_clip_match_optax_with_one_reduction_for_small_leaves():
+    # The gradient norm of a tune step's ~300 small LoRA and adapter leaves: one reduction over
+    # their concatenation (a kernel per leaf otherwise), leaves over SMALL_LEAF on their own. The
+    # values are optax's to float32 rounding; the clip keeps optax's empty state (checkpoints of
+    # earlier runs restore).
+    import jax.numpy as jnp
+    import optax
+    from dpt_jax.train import SMALL_LEAF, clip_by_global_norm, global_norm
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    tree = {"lora": [jax.random.normal(k, (16 + i, 4)) for i, k in enumerate(keys[:3])],
+            "adapter": {"big": jax.random.normal(keys[3], (SMALL_LEAF + 7,)),
+                        "bias": jax.random.normal(keys[4], (8,))}}
+    np.testing.assert_allclose(float(global_norm(tree)), float(optax.global_norm(tree)), rtol=1e-6)
+    jaxpr = jax.make_jaxpr(global_norm)(tree)
+    assert sum(e.primitive.name == "reduce_sum" for e in jaxpr.eqns) == 2  # the big leaf, the rest
+    assert float(global_norm({})) == 0.0
+    norm = float(optax.global_norm(tree))
+    for max_norm in (norm / 3, norm * 2):  # clipped, left alone
+        ours, state = clip_by_global_norm(max_norm).update(tree, clip_by_global_norm(max_norm).init(tree))
+        theirs, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.clip_by_global_norm(max_norm).init(tree))
+        assert _max_diff(ours, theirs) <= 1e-6 * max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(tree))
+        assert state == optax.clip_by_global_norm(max_norm).init(tree)
+
+
 def test_compile_with_frozen_layouts_runs_the_step_as_jit_does():
     # The trainer's and the bench's step: compiled once with the frozen weights' layout left to XLA
     # (on a GPU, convolution kernels [out, h, w, in]; the CPU keeps the default), the weights laid
