@@ -75,7 +75,7 @@ def lora_delta(a: jax.Array, b: jax.Array) -> jax.Array:
 def _merged(kernel: jax.Array, factors: Any, dtype: Dtype) -> jax.Array:
     if factors is None or _lora_application != "merged":
         return kernel.astype(dtype)
-    return (kernel.astype(jnp.float32) + lora_delta(*factors).astype(jnp.float32)).astype(dtype)
+    return kernel.astype(dtype) + lora_delta(*(f.astype(dtype) for f in factors))
 
 
 def _branch_factors(factors: Any) -> Any:
