@@ -70,13 +70,22 @@ def _result_bytes(result_type: str, opcode: str) -> int:
     return _type_bytes(result_type)
 
 
-def _category(opcode: str, line: str, called_opcodes: Iterable[str]) -> str:
+def _custom_call_target(line: str) -> str:
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    return target.group(1) if target else ""
+
+
+def _category(opcode: str, line: str, called: Sequence["_Instruction"]) -> str:
     if opcode in CONTROL_OPCODES:
         return "control"
     if opcode == "custom-call":
-        target = re.search(r'custom_call_target="([^"]*)"', line)
-        return _library_category(target.group(1) if target else "")
-    inner = set(called_opcodes) | {opcode}
+        return _library_category(_custom_call_target(line))
+    # A fusion around a library call (XLA's dynamic-slice fusion: a cuBLAS matmul reading its
+    # operand at an offset of a buffer instead of a copy of the slice) is that call.
+    library = next((i for i in called if i.opcode == "custom-call"), None)
+    if library is not None:
+        return _library_category(_custom_call_target(library.line))
+    inner = {i.opcode for i in called} | {opcode}
     for kind, opcodes in (("conv", {"convolution"}), ("matmul", {"dot"}), ("reduce", {"reduce", "reduce-window"}),
                           ("collective", {"all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                                           "collective-permute"})):
@@ -222,11 +231,13 @@ def _ops(computations: Dict[str, List[_Instruction]]) -> Dict[str, HloOp]:
         for instruction in instructions:
             called = _called(instruction.line)
             op_name = _op_name(instruction.line) or next((inner_op_name[c] for c in called if c in inner_op_name), "")
+            inner = [i for c in called for i in computations.get(c, ())]
             sliced = _fusion_reads(computations[called[0]]) if instruction.opcode == "fusion" and called else {}
-            moved = instruction.result_bytes + sum(sliced.get(i, result_bytes.get(operand, 0))
-                                                   for i, operand in enumerate(instruction.operands))
-            category = _category(instruction.opcode, instruction.line,
-                                 [i.opcode for c in called for i in computations.get(c, ())])
+            category = _category(instruction.opcode, instruction.line, inner)
+            result = instruction.result_bytes
+            if instruction.opcode == "fusion" and any(i.opcode == "custom-call" for i in inner):
+                result = _result_bytes(_INSTRUCTION.match(instruction.line).group(2), "custom-call")
+            moved = result + sum(sliced.get(i, result_bytes.get(operand, 0)) for i, operand in enumerate(instruction.operands))
             op = HloOp(category, op_name, moved)
             ops[instruction.name] = op
             ops.setdefault(re.sub(r"[.\-]", "_", instruction.name), op)

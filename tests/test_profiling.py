@@ -251,3 +251,31 @@ def test_a_fusion_making_rows_of_a_slice_reads_only_those_rows():
     ops = profiling.hlo_ops(ROOT_SLICE_HLO)
     assert ops["rows_fusion"].bytes == x // 4 + scale + out
     assert ops["columns_fusion"].bytes == x + out
+
+
+# XLA's dynamic-slice fusion: a cuBLAS matmul that reads its weight at an offset of a packed
+# [768, 256] buffer (the adapter's q, k, v projections) instead of a copy of the slice.
+DYNAMIC_SLICE_HLO = """HloModule jit_step, is_scheduled=true
+
+%dynamic-slice-fusion (p0: bf16[768,256], p1: bf16[1024,256]) -> (bf16[1024,256], s8[33554432]) {
+  %p0 = bf16[768,256]{1,0} parameter(0)
+  %p1 = bf16[1024,256]{1,0} parameter(1)
+  %slice.1 = bf16[256,256]{1,0} slice(%p0), slice={[256:512], [0:256]}
+  ROOT %custom-call.1 = (bf16[1024,256]{1,0}, s8[33554432]{0}) custom-call(%p1, %slice.1), custom_call_target="__cublas$lt$matmul"
+}
+
+ENTRY %main (w: bf16[768,256], x: bf16[1024,256]) -> (bf16[1024,256], s8[33554432]) {
+  %w = bf16[768,256]{1,0} parameter(0)
+  %x = bf16[1024,256]{1,0} parameter(1)
+  ROOT %dynamic_slice_fusion = (bf16[1024,256]{1,0}, s8[33554432]{0}) fusion(%w, %x), kind=kCustom, calls=%dynamic-slice-fusion
+}
+"""
+
+
+def test_a_fusion_around_a_library_call_is_that_call():
+    # A matmul, not an elementwise op moving memory: its bytes are the slice it reads, its input
+    # and output, not cuBLAS's workspace.
+    op = profiling.hlo_ops(DYNAMIC_SLICE_HLO)["dynamic_slice_fusion"]
+    assert op.category == "matmul"
+    assert op.bytes == 256 * 256 * 2 + 2 * 1024 * 256 * 2
+    assert profiling.hlo_traffic(DYNAMIC_SLICE_HLO)["memory_bound_bytes"] == 0
