@@ -135,7 +135,7 @@ def test_lora_merged_equals_factored_with_gradients(kind):
 def test_lora_merged_in_bfloat16_runs_the_product_in_bfloat16():
     # In bf16 compute the merged kernel is W + A B with A and B (float32 masters) cast to bfloat16,
     # as a bf16 Dense casts its kernel: no float32 array of the kernel's size is made, forward or
-    # backward (on an H100 those conversions moved 1.2 GB per tune step). Output and gradients stay
+    # backward (on an H100 compile those conversions moved 1.5 GB per tune step). Output and gradients stay
     # those of float32 compute to bfloat16 rounding (2% of the largest value: inputs, kernel and
     # output are each rounded once).
     keys = jax.random.split(jax.random.PRNGKey(2), 3)
