@@ -75,14 +75,18 @@ def _custom_call_target(line: str) -> str:
     return target.group(1) if target else ""
 
 
+def _library_call(called: Sequence["_Instruction"]) -> Optional["_Instruction"]:
+    """The library call a fusion wraps, if any. Such a fusion (XLA's dynamic-slice fusion: a cuBLAS
+    matmul reading its operand at an offset of a buffer instead of a copy of the slice) is that call."""
+    return next((i for i in called if i.opcode == "custom-call"), None)
+
+
 def _category(opcode: str, line: str, called: Sequence["_Instruction"]) -> str:
     if opcode in CONTROL_OPCODES:
         return "control"
     if opcode == "custom-call":
         return _library_category(_custom_call_target(line))
-    # A fusion around a library call (XLA's dynamic-slice fusion: a cuBLAS matmul reading its
-    # operand at an offset of a buffer instead of a copy of the slice) is that call.
-    library = next((i for i in called if i.opcode == "custom-call"), None)
+    library = _library_call(called)
     if library is not None:
         return _library_category(_custom_call_target(library.line))
     inner = {i.opcode for i in called} | {opcode}
@@ -235,7 +239,7 @@ def _ops(computations: Dict[str, List[_Instruction]]) -> Dict[str, HloOp]:
             sliced = _fusion_reads(computations[called[0]]) if instruction.opcode == "fusion" and called else {}
             category = _category(instruction.opcode, instruction.line, inner)
             result = instruction.result_bytes
-            if instruction.opcode == "fusion" and any(i.opcode == "custom-call" for i in inner):
+            if instruction.opcode == "fusion" and _library_call(inner) is not None:
                 result = _result_bytes(_INSTRUCTION.match(instruction.line).group(2), "custom-call")
             moved = result + sum(sliced.get(i, result_bytes.get(operand, 0)) for i, operand in enumerate(instruction.operands))
             op = HloOp(category, op_name, moved)
