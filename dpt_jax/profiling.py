@@ -254,10 +254,39 @@ _NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast
 MEMORY_BOUND = ("elementwise", "reduce", "copy", "other")
 
 
-def hlo_traffic(hlo_text: str) -> Dict[str, Any]:
+def _loop_depths(computations: Dict[str, List[_Instruction]]) -> Dict[str, int]:
+    """How many while loops each computation runs inside: a loop's body and condition one more
+    than the computation holding the loop, a conditional's branches as many."""
+    parent: Dict[str, Tuple[str, int]] = {}
+    for computation, instructions in computations.items():
+        for instruction in instructions:
+            if instruction.opcode == "while":
+                for called in re.findall(r"(?:condition|body)=%?([\w.\-]+)", instruction.line):
+                    parent[called] = (computation, 1)
+            elif instruction.opcode == "conditional":
+                branches = re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", instruction.line)
+                listed = re.search(r"branch_computations=\{([^}]*)\}", instruction.line)
+                branches += re.findall(r"%?([\w.\-]+)", listed.group(1)) if listed else []
+                for called in branches:
+                    parent[called] = (computation, 0)
+
+    def depth(computation: str) -> int:
+        if computation not in parent:
+            return 0
+        holder, levels = parent[computation]
+        return levels + depth(holder)
+    return {computation: depth(computation) for computation in computations}
+
+
+def hlo_traffic(hlo_text: str, loop_trips: int = 1) -> Dict[str, Any]:
     """What an optimised HLO module moves through memory, read off the HLO alone (no device, no
     run): the executed instructions (those of the entry computation and of loop bodies, not the
-    inside of fusions) by category, with the bytes they read and write. A loop body counts once.
+    inside of fusions) by category, with the bytes they read and write.
+
+    Figures are per trip of the module's loop (a sampling step), for ``loop_trips`` trips: a loop
+    body counts once, what runs outside the loop (e.g. the frozen kernels laid out once before a
+    sampling loop) ``1 / loop_trips`` times, a loop inside the loop ``loop_trips`` times. The
+    default 1 counts every executed instruction once.
 
     ``memory_bound_gb`` totals the elementwise, reduce and copy kinds: those run at the memory's
     bandwidth, so less of it is less time, where matmuls, convolutions and attention are bound by
@@ -268,22 +297,25 @@ def hlo_traffic(hlo_text: str) -> Dict[str, Any]:
               if instruction.opcode == "fusion" or "to_apply=" in instruction.line
               for called in _called(instruction.line)}
     ops = _ops(computations)
-    count: Dict[str, int] = collections.Counter()
-    moved: Dict[str, int] = collections.Counter()
+    depths = _loop_depths(computations)
+    outermost = min((d for c, d in depths.items() if d > 0 and c not in inside), default=0)
+    count: Dict[str, float] = collections.Counter()
+    moved: Dict[str, float] = collections.Counter()
     for computation, instructions in computations.items():
         if computation in inside:
             continue
+        runs = float(loop_trips) ** (depths[computation] - outermost)
         for instruction in instructions:
             if instruction.opcode in _NOT_LAUNCHED:
                 continue
             op = ops[instruction.name]
-            count[op.category] += 1
-            moved[op.category] += op.bytes
-    memory_bound = sum(moved[c] for c in MEMORY_BOUND)
+            count[op.category] += runs
+            moved[op.category] += op.bytes * runs
+    memory_bound = round(sum(moved[c] for c in MEMORY_BOUND))
     return dict(memory_bound_gb=round(memory_bound / 1e9, 3), memory_bound_bytes=memory_bound,
-                memory_bound_ops=sum(count[c] for c in MEMORY_BOUND),
+                memory_bound_ops=round(sum(count[c] for c in MEMORY_BOUND)),
                 by_category_gb={c: round(moved[c] / 1e9, 3) for c in sorted(moved, key=lambda c: -moved[c])},
-                ops_by_category=dict(sorted(count.items(), key=lambda kv: -kv[1])))
+                ops_by_category={c: round(n) for c, n in sorted(count.items(), key=lambda kv: -kv[1])})
 
 
 def _op_name(line: str) -> str:

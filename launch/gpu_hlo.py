@@ -39,6 +39,8 @@ from dpt_jax.models import attention  # noqa: E402
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
 # cuDNN's version as the accelerator's jax-cuda13 wheels report it; the attention path asks at trace time.
 CUDNN_VERSION = 91000
+# The bench's sampling loop; its figures are per step (``hlo_traffic``'s loop_trips).
+SAMPLING_STEPS = 50
 
 
 def gpu_sharding(target: str) -> jax.sharding.NamedSharding:
@@ -64,15 +66,15 @@ def pretend_cudnn() -> None:
 
 
 def program(sd: bench.StableDiffusion, shapes: bench.Shapes, item: str):
-    """(name, function, donated argnums, arguments) of ``what:batch[:eta]``."""
+    """(name, function, donated argnums, arguments, loop trips) of ``what:batch[:eta]``."""
     what, batch, *eta = item.split(":")
     if what in ("tune", "probe"):
         fn, args = bench.step_program(sd, shapes, what, int(batch), "bfloat16", seed=0)
-        return f"{what}_step_b{batch}", fn, (0,), args
+        return f"{what}_step_b{batch}", fn, (0,), args, 1
     if what == "sample":
         eta_sc = float(eta[0]) if eta else 0.0
-        fn, args = bench.sample_program(sd, shapes, eta_sc, int(batch), "bfloat16", seed=0, steps=50)
-        return f"sample_b{batch}_eta{eta_sc}", fn, (), args
+        fn, args = bench.sample_program(sd, shapes, eta_sc, int(batch), "bfloat16", seed=0, steps=SAMPLING_STEPS)
+        return f"sample_b{batch}_eta{eta_sc}", fn, (), args, SAMPLING_STEPS
     raise SystemExit(f"unknown item {item!r}: expected tune:B, probe:B or sample:B[:ETA]")
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     shapes = bench.bench_shapes(False)
     sd = bench.bench_sd(shapes, jnp.bfloat16)
     for item in args.what.split(","):
-        name, fn, donate, call_args = program(sd, shapes, item)
+        name, fn, donate, call_args, loop_trips = program(sd, shapes, item)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), call_args)
         start = time.perf_counter()
         # The train steps as the trainer compiles them: the frozen weights' layout left to XLA.
@@ -98,7 +100,8 @@ def main() -> None:
         hlo = jitted.lower(*abstract).compile().as_text()
         line = dict(what="gpu_hlo", target=args.target, measurement=name, jax=jax.__version__,
                     triton_gemm=args.triton_gemm,
-                    compile_s=round(time.perf_counter() - start, 1), **profiling.hlo_traffic(hlo))
+                    compile_s=round(time.perf_counter() - start, 1), per="step" if loop_trips > 1 else "call",
+                    **profiling.hlo_traffic(hlo, loop_trips))
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with gzip.open(os.path.join(args.out, f"{name}.hlo.txt.gz"), "wt") as f:

@@ -204,6 +204,23 @@ def test_hlo_traffic_counts_executed_ops_and_sliced_reads():
                                                                     "copy"}
 
 
+
+def test_hlo_traffic_per_loop_trip_spreads_what_runs_before_the_loop():
+    # A copy before the loop, as the sampler lays out its frozen kernels once per call: per step of
+    # a 50-step loop, the body once and a fiftieth of the copy.
+    hlo = LOOP_HLO.replace(
+        "%tuple.9 = (s32[], bf16[4,1024,320]{2,1,0}) tuple(%constant.8, %Arg_0.1)",
+        "%copy.1 = bf16[4,1024,320]{1,2,0} copy(%Arg_0.1)\n"
+        "  %tuple.9 = (s32[], bf16[4,1024,320]{2,1,0}) tuple(%constant.8, %copy.1)")
+    x = 4 * 1024 * 320 * 2
+    body = profiling.hlo_traffic(LOOP_HLO)["memory_bound_bytes"]
+    assert profiling.hlo_traffic(hlo)["memory_bound_bytes"] == body + 2 * x
+    per_step = profiling.hlo_traffic(hlo, loop_trips=50)
+    assert per_step["memory_bound_bytes"] == body + round(2 * x / 50)
+    assert per_step["memory_bound_ops"] == 4  # the body's; the copy is a fiftieth of one
+    # A program without a loop is one call, whatever the trips.
+    assert profiling.hlo_traffic(HLO, loop_trips=50) == profiling.hlo_traffic(HLO)
+
 # Two fusions that each make a quarter of a row-normalised [8, 64] (the rows 2:4): one reduces
 # each row (its last dimension) and needs only those rows of its input; the other reduces over the
 # rows and needs them all.
