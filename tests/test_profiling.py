@@ -296,3 +296,17 @@ def test_a_fusion_around_a_library_call_is_that_call():
     assert op.category == "matmul"
     assert op.bytes == 256 * 256 * 2 + 2 * 1024 * 256 * 2
     assert profiling.hlo_traffic(DYNAMIC_SLICE_HLO)["memory_bound_bytes"] == 0
+
+
+def test_host_calls_time_the_calling_threads_dispatch():
+    # A traced call of a jitted program: the calling thread's 'PjitFunction' event, and the device's
+    # first op after each call's start (the CPU's first thunk), within the calls' wall time.
+    import jax
+    import jax.numpy as jnp
+    matmul = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((256, 256))
+    matmul(x).block_until_ready()
+    trace, wall = profiling.capture(lambda: matmul(x), runs=2)
+    host = profiling.host_calls(jax.profiler.ProfileData.from_serialized_xspace(trace), runs=2)
+    assert host["host_ms"]["PjitFunction(<lambda>)"] > 0, host
+    assert 0 <= host["first_op_ms"] <= wall * 1e3 / 2, (host, wall)
