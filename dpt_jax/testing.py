@@ -127,17 +127,20 @@ def write_clip_tokenizer(folder: str, words: Iterable[str] = WORDS, pad_token: s
     return len(vocab)
 
 
-def tiny_unet_config(style: str = "sd2", width: int = 32, cross_attention_dim: int = 32) -> dict:
-    """A four-block U-Net of the SD layout (three cross-attention down blocks, one plain)."""
+def tiny_unet_config(style: str = "sd2", width: int = 32, cross_attention_dim: int = 32, blocks: int = 4) -> dict:
+    """A U-Net of the SD layout: ``blocks`` - 1 cross-attention down blocks and one plain (four, as
+    SD; two: the least that keeps both kinds, and the adapter's tap "up1")."""
+    if blocks not in (2, 3, 4):
+        raise ValueError(f"blocks={blocks}: expected 2, 3 or 4")
     w = width
     config = dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(w // 2, w, w, w), norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(w // 2, w, w, w)[:blocks], norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",) * (blocks - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (blocks - 1),
         cross_attention_dim=cross_attention_dim)
     if style == "sd2":
-        config.update(attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=False)
+        config.update(attention_head_dim=(2, 4, 4, 4)[:blocks], use_linear_projection=True, upcast_attention=False)
     elif style == "sd1":
         config.update(attention_head_dim=4, use_linear_projection=False)
     else:
