@@ -53,7 +53,9 @@ def check_profiles(profiles, directory):
                                 str(directory / f"{x['measurement']}.hlo.txt.gz"), "--top", "100000"])
         assert again["device_ms"] == x["device_ms"] and again["kernels"] == x["kernels"]
         # The calling thread's dispatch: the step's call, and the device's first op within the run.
-        assert again["host_ms"] == x["host_ms"] and any(k.startswith("PjitFunction(") for k in x["host_ms"]), x
+        assert again["host_ms"] == x["host_ms"], x
+        call = [ms for name, ms in x["host_ms"].items() if name.startswith("PjitFunction(")]
+        assert len(call) == 1 and 0 < call[0] <= x["wall_ms"], x
         assert 0 <= x["first_op_ms"] <= x["wall_ms"], x
         unet_backward[x["measurement"]] = any(s.startswith("bwd UNet2DConditionModel/") for s in again["by_scope_ms"])
     assert unet_backward == {"tune_step_b2": True, "probe_step_b2": False, "sample_b2_eta0.0": False,
