@@ -204,7 +204,6 @@ def test_hlo_traffic_counts_executed_ops_and_sliced_reads():
                                                                     "copy"}
 
 
-
 def test_hlo_traffic_per_loop_trip_spreads_what_runs_before_the_loop():
     # A copy before the loop, as the sampler lays out its frozen kernels once per call: per step of
     # a 50-step loop, the body once and a fiftieth of the copy.
@@ -220,6 +219,7 @@ def test_hlo_traffic_per_loop_trip_spreads_what_runs_before_the_loop():
     assert per_step["memory_bound_ops"] == 4  # the body's; the copy is a fiftieth of one
     # A program without a loop is one call, whatever the trips.
     assert profiling.hlo_traffic(HLO, loop_trips=50) == profiling.hlo_traffic(HLO)
+
 
 # Two fusions that each make a quarter of a row-normalised [8, 64] (the rows 2:4): one reduces
 # each row (its last dimension) and needs only those rows of its input; the other reduces over the
