@@ -382,7 +382,8 @@ def host_calls(profile: Any, runs: int = 1, top: int = 8) -> Dict[str, Any]:
             continue  # inside an event of its own name (a call within the call): counted there
         ends[event.name] = event.start_ns + event.duration_ns
         totals[event.name] += event.duration_ns
-        calls += [event.start_ns] if event.name.startswith("PjitFunction(") else []
+        if event.name.startswith("PjitFunction("):
+            calls.append(event.start_ns)
     starts = sorted(event.start_ns for event in _device_ops(profile))
     delays = [starts[i] - call for call in calls if (i := bisect.bisect_left(starts, call)) < len(starts)]
     return dict(first_op_ms=round(sum(delays) / len(delays) / 1e6, 3) if delays else None,
