@@ -28,6 +28,7 @@ import optax
 
 from dpt_jax import checkpoints, parallel
 from dpt_jax.data import batches, sources
+from dpt_jax.data.prefetch import Prefetcher
 from dpt_jax.lora import LoraSpec, init_lora
 from dpt_jax.metrics import MetricWriter
 from dpt_jax.models.adapter import DiscriminativeAdapter
@@ -291,10 +292,13 @@ class Trainer:
         restored = self.ckpt.restore_latest(state)
         return restored if restored is not None else state
 
+    def local_batch(self, step: int) -> Dict[str, np.ndarray]:
+        """This host's rows of the training batch of ``step``, on the host."""
+        return batches.batch_at(self.train_data, self.sd.tokenizer, step, self.config.batch_size,
+                                self.config.data.seed, jax.process_index(), jax.process_count())
+
     def global_batch(self, step: int) -> Dict[str, jax.Array]:
-        local = batches.batch_at(self.train_data, self.sd.tokenizer, step, self.config.batch_size,
-                                 self.config.data.seed, jax.process_index(), jax.process_count())
-        return parallel.global_batch(local, self.mesh)
+        return parallel.global_batch(self.local_batch(step), self.mesh)
 
     def evaluate(self, state: TrainState) -> Dict[str, float]:
         """Mean metrics over the val split's first ``eval_size`` samples at t = 500."""
@@ -348,9 +352,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     # On any exit (a non-finite loss, an exception, Ctrl-C) a checkpoint being written is finished:
     # the last good step is on disk, as the error says.
     try:
-        with trainer.mesh:
+        with trainer.mesh, Prefetcher(trainer.local_batch, config.num_steps, config.data.prefetch) as local_batch:
             for step in range(start, config.num_steps):
-                state, metrics = trainer.step(state, trainer.global_batch(step))
+                state, metrics = trainer.step(state, parallel.global_batch(local_batch(step), trainer.mesh))
                 pending.append(metrics)
                 done = step + 1
                 if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):

@@ -251,6 +251,27 @@ def test_batch_stacks_like_shapes(tmp_path, images):
         ds.batch([])
 
 
+def test_a_batch_read_in_threads_is_the_batch_read_in_one(tmp_path, images):
+    root, names = images
+    (root / names[3]).write_bytes(b"not a png")
+    tsv = _write_tsv(tmp_path / "t.tsv", _tsv_rows(names))
+    kw = dict(image_size=S, max_bad_fraction=0.5, min_images_seen=4)
+    one, four = (HardNegativeTSV(tsv, str(root), threads=n, **kw) for n in (1, 4))
+    indices = [5, 0, 3, 3, 1, 4, 2]
+    got, ref = four.batch(indices), one.batch(indices)
+    assert four._pool is not None and one._pool is None
+    assert got.keys() == ref.keys()
+    for key in ref:
+        if isinstance(ref[key], np.ndarray):
+            np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+        else:
+            assert got[key] == ref[key], key
+    assert (four.bad_images, four.images_seen) == (one.bad_images, one.images_seen) == (1, len(names))
+    strict = HardNegativeTSV(tsv, str(root), image_size=S, max_bad_fraction=0.01, min_images_seen=0, threads=4)
+    with pytest.raises(RuntimeError, match="images read are missing or unreadable"):
+        strict.batch(indices)
+
+
 def stream_positions(n, global_batch, hosts, epochs, seed):
     """Record index at each position of the trainer's sample stream, read as ``hosts`` hosts do
     (batches.sample_indices: host p takes its slice of every global batch)."""

@@ -66,7 +66,9 @@ def test_probe_loss_falls_and_itm_accuracy_rises_above_chance(tmp_path):
 def test_resume_matches_uninterrupted_run(tmp_path, stage, monkeypatch):
     from dpt_jax import train as train_module
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train(_small(stage, steps=6), full)
+    on_demand = _small(stage, steps=6)
+    on_demand.data.prefetch = 0  # the other run builds batches ahead: that must change nothing
+    train(on_demand, full)
     with monkeypatch.context() as m:  # the run is interrupted (as by SIGTERM) after step 3
         m.setattr(train_module.Preemption, "reached", lambda self, step: step == 3)
         assert train(_small(stage, steps=6), part)["preempted"]

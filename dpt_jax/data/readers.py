@@ -33,6 +33,7 @@ import csv
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -75,7 +76,7 @@ class RecordDataset:
 
     def __init__(self, records: Sequence[Record], image_root: str, image_size: int = 512,
                  seed: int = 0, max_bad_fraction: float = 0.01, min_images_seen: int = 100,
-                 source: str = "<records>"):
+                 source: str = "<records>", threads: int = 0):
         if len(records) < 2:
             raise ValueError(f"{source}: need at least 2 records (negatives come from other records)")
         self.records = list(records)
@@ -84,6 +85,10 @@ class RecordDataset:
         self.source = source
         self._seen: set = set()
         self._bad: set = set()
+        # PIL decodes and resizes without holding the GIL, so a batch's samples are read in
+        # parallel threads (0: one per CPU core). A sample depends on its index alone.
+        self.threads = int(threads) or os.cpu_count() or 1
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -234,8 +239,13 @@ class RecordDataset:
         raise RuntimeError(f"{self.source}: no record has a readable image")
 
     def batch(self, indices: Sequence[int]) -> dict:
-        """Stack samples: arrays gain a leading N axis, everything else becomes a list."""
-        return stack_samples([self[i] for i in indices])
+        """Stack samples, read in ``threads`` threads: arrays gain a leading N axis, everything
+        else becomes a list."""
+        if self.threads == 1 or len(indices) < 2:
+            return stack_samples([self[i] for i in indices])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dpt-jax-images")
+        return stack_samples(list(self._pool.map(self.__getitem__, indices)))
 
 
 # ---------------------------------------------------------------------- parsing helpers
@@ -322,9 +332,9 @@ class HardNegativeTSV(RecordDataset):
     """NegCLIP-format ITM data over COCO; ITM-only (``has_rec`` False, see the module docstring)."""
 
     def __init__(self, tsv_path: str, image_root: str, image_size: int = 512, seed: int = 0,
-                 max_bad_fraction: float = 0.01, min_images_seen: int = 100):
+                 max_bad_fraction: float = 0.01, min_images_seen: int = 100, threads: int = 0):
         super().__init__(read_negclip_tsv(tsv_path), image_root, image_size, seed,
-                         max_bad_fraction, min_images_seen, source=tsv_path)
+                         max_bad_fraction, min_images_seen, source=tsv_path, threads=threads)
 
 
 # ---------------------------------------------------------------------- MDETR refexp JSON
@@ -400,9 +410,9 @@ class RefExpJSON(RecordDataset):
     """MDETR refexp (RefCOCO/+/g) REC data; one sample per ``images`` entry, ``has_rec`` True."""
 
     def __init__(self, json_path: str, image_root: str, image_size: int = 512, seed: int = 0,
-                 max_bad_fraction: float = 0.01, min_images_seen: int = 100):
+                 max_bad_fraction: float = 0.01, min_images_seen: int = 100, threads: int = 0):
         super().__init__(read_refexp_json(json_path), image_root, image_size, seed,
-                         max_bad_fraction, min_images_seen, source=json_path)
+                         max_bad_fraction, min_images_seen, source=json_path, threads=threads)
 
 
 # ---------------------------------------------------------------------- JSONL
@@ -457,6 +467,6 @@ class JsonlDataset(RecordDataset):
     """
 
     def __init__(self, path: str, image_root: str, image_size: int = 512, seed: int = 0,
-                 max_bad_fraction: float = 0.01, min_images_seen: int = 100):
+                 max_bad_fraction: float = 0.01, min_images_seen: int = 100, threads: int = 0):
         super().__init__(read_jsonl(path), image_root, image_size, seed,
-                         max_bad_fraction, min_images_seen, source=path)
+                         max_bad_fraction, min_images_seen, source=path, threads=threads)

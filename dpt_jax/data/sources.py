@@ -46,7 +46,8 @@ def make_dataset(d: ml_collections.ConfigDict, split: str) -> Any:
     if d.name == "precomputed":
         from dpt_jax.data.precomputed import PrecomputedDataset
         return PrecomputedDataset(_path(d, split))
-    common = dict(image_size=d.image_size, seed=d.seed, max_bad_fraction=d.max_bad_fraction)
+    common = dict(image_size=d.image_size, seed=d.seed, max_bad_fraction=d.max_bad_fraction,
+                  threads=d.get("threads", 0))  # absent from runs made before it was a key
     if d.name in ("coco_captions", "ref_coco"):
         from dpt_jax.data import tfds_readers
         reader = tfds_readers.TfdsCocoCaptions if d.name == "coco_captions" else tfds_readers.TfdsRefCoco

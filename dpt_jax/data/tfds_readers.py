@@ -143,7 +143,7 @@ class _TfdsRecords(RecordDataset):
     def __init__(self, name: Optional[str] = None, split: str = "train",
                  data_dir: Optional[str] = None, image_size: int = 512, seed: int = 0,
                  max_bad_fraction: float = 0.01, min_images_seen: int = 100,
-                 builder: Any = None):
+                 builder: Any = None, threads: int = 0):
         if builder is None:
             builder = _import_tfds().builder(name or self.BUILDER, data_dir=data_dir)
         self._data = _data_source(builder, split, self._decoders())
@@ -160,7 +160,7 @@ class _TfdsRecords(RecordDataset):
         self._starts = np.asarray(starts)
         self._example_of = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
         super().__init__(self._finish(records), "", image_size, seed, max_bad_fraction,
-                         min_images_seen, source=source)
+                         min_images_seen, source=source, threads=threads)
 
     def _decoders(self) -> Dict[str, Any]:
         """Features left encoded when reading: the images, decoded only for a sample."""
