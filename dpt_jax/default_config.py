@@ -35,7 +35,7 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
         path="", val_path="", image_root="",        # negclip_tsv, refexp_json, jsonl, precomputed
         tfds_data_dir="", tfds_train_split="train", tfds_val_split="validation",  # coco_captions, ref_coco
         max_bad_fraction=0.01,                      # readers of image files: unreadable images allowed
-        threads=0,                                  # readers of image files: threads per batch (0: one per core)
+        threads=0,                                  # threads reading a batch's samples (0: one per core)
         prefetch=2))                                # training batches built ahead in the background (0: none)
     c.adapter = ml_collections.ConfigDict(dict(
         taps=("up1",), d_model=256, num_heads=8, ffn_dim=2048, dropout=0.1, num_encoder_layers=1,

@@ -179,6 +179,18 @@ def test_batch_shapes_and_dtypes(ds):
     np.testing.assert_allclose(image_to_float(np.array([0, 255], np.uint8)), [-1, 1])
 
 
+def test_a_batch_drawn_in_threads_is_the_batch_drawn_in_one():
+    indices = [7, 2, 2, 30, 11, 5]
+    one, three = (ShapesDataset(size=40, image_size=S, threads=n) for n in (1, 3))
+    got, ref = three.batch(indices), one.batch(indices)
+    assert three._pool is not None and one._pool is None
+    for key in ref:
+        if isinstance(ref[key], np.ndarray):
+            np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+        else:
+            assert got[key] == ref[key], key
+
+
 def test_kind_probabilities():
     only_rel = ShapesDataset(size=50, p_single=0, p_relation=1, p_count=0)
     assert {only_rel[i]["kind"] for i in range(20)} == {"relation"}

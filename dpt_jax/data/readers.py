@@ -33,14 +33,13 @@ import csv
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
-from dpt_jax.data.shapes import stack_samples
+from dpt_jax.data.shapes import ThreadedBatches
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def _where(path: str, line: Union[int, str]) -> str:
     return f"{path}:{line}"
 
 
-class RecordDataset:
+class RecordDataset(ThreadedBatches):
     """Indexable data set over parsed records with the ShapesDataset interface (module docstring)."""
 
     def __init__(self, records: Sequence[Record], image_root: str, image_size: int = 512,
@@ -85,10 +84,7 @@ class RecordDataset:
         self.source = source
         self._seen: set = set()
         self._bad: set = set()
-        # PIL decodes and resizes without holding the GIL, so a batch's samples are read in
-        # parallel threads (0: one per CPU core). A sample depends on its index alone.
-        self.threads = int(threads) or os.cpu_count() or 1
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self.set_threads(threads)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -237,15 +233,6 @@ class RecordDataset:
             if image is not None:
                 return self._sample(r, image)
         raise RuntimeError(f"{self.source}: no record has a readable image")
-
-    def batch(self, indices: Sequence[int]) -> dict:
-        """Stack samples, read in ``threads`` threads: arrays gain a leading N axis, everything
-        else becomes a list."""
-        if self.threads == 1 or len(indices) < 2:
-            return stack_samples([self[i] for i in indices])
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dpt-jax-images")
-        return stack_samples(list(self._pool.map(self.__getitem__, indices)))
 
 
 # ---------------------------------------------------------------------- parsing helpers

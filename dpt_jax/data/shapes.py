@@ -19,6 +19,8 @@ Conventions
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -314,7 +316,28 @@ def referring_expression(scene: Scene, rng: np.random.Generator) -> Tuple[str, B
 # --------------------------------------------------------------------------- data set
 
 
-class ShapesDataset:
+class ThreadedBatches:
+    """``batch(indices)`` for a data set whose sample depends on its index alone: the samples
+    ``self[i]``, read in ``self.threads`` threads and stacked (:func:`stack_samples`). PIL decodes,
+    resizes and draws largely without holding the GIL, so the threads run in parallel."""
+
+    threads: int = 1
+    _pool: Optional[ThreadPoolExecutor] = None
+
+    def set_threads(self, threads: int) -> None:
+        """Threads reading a batch (0: one per CPU core)."""
+        self.threads = int(threads) or os.cpu_count() or 1
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        """Stack samples: arrays gain a leading N axis, everything else becomes a list."""
+        if self.threads == 1 or len(indices) < 2:
+            return stack_samples([self[i] for i in indices])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dpt-jax-samples")
+        return stack_samples(list(self._pool.map(self.__getitem__, indices)))
+
+
+class ShapesDataset(ThreadedBatches):
     """Deterministic, indexable synthetic ITM + REC data set (see the module docstring)."""
 
     def __init__(
@@ -326,6 +349,7 @@ class ShapesDataset:
         p_single: float = 0.3,
         p_relation: float = 0.4,
         p_count: float = 0.3,
+        threads: int = 0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -335,6 +359,7 @@ class ShapesDataset:
             raise ValueError("kind probabilities must be >= 0 with a positive sum")
         self.split, self.size, self.image_size, self.seed = split, int(size), int(image_size), int(seed)
         self.probs = (p_single, p_relation, p_count)
+        self.set_threads(threads)
 
     def __len__(self) -> int:
         return self.size
@@ -391,9 +416,6 @@ class ShapesDataset:
             "expression_positive_chars": spans,
         }
 
-    def batch(self, indices: Sequence[int]) -> dict:
-        """Stack samples: arrays gain a leading N axis, everything else becomes a list."""
-        return stack_samples([self[i] for i in indices])
 
 
 def stack_samples(samples: Sequence[dict]) -> dict:

@@ -39,15 +39,15 @@ def make_dataset(d: ml_collections.ConfigDict, split: str) -> Any:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     if d.name not in SOURCES:
         raise ValueError(f"config.data.name={d.name!r}: expected one of {SOURCES}")
+    threads = d.get("threads", 0)  # absent from the config of a run made before it was a key
     if d.name == "shapes":
         from dpt_jax.data.shapes import ShapesDataset
         size = d.train_size if split == "train" else d.val_size
-        return ShapesDataset(split=split, size=size, image_size=d.image_size, seed=d.seed)
+        return ShapesDataset(split=split, size=size, image_size=d.image_size, seed=d.seed, threads=threads)
     if d.name == "precomputed":
         from dpt_jax.data.precomputed import PrecomputedDataset
         return PrecomputedDataset(_path(d, split))
-    common = dict(image_size=d.image_size, seed=d.seed, max_bad_fraction=d.max_bad_fraction,
-                  threads=d.get("threads", 0))  # absent from runs made before it was a key
+    common = dict(image_size=d.image_size, seed=d.seed, max_bad_fraction=d.max_bad_fraction, threads=threads)
     if d.name in ("coco_captions", "ref_coco"):
         from dpt_jax.data import tfds_readers
         reader = tfds_readers.TfdsCocoCaptions if d.name == "coco_captions" else tfds_readers.TfdsRefCoco
