@@ -17,6 +17,7 @@ import numpy as np
 
 from dpt_jax import boxes, losses, parallel
 from dpt_jax.data import batches
+from dpt_jax.data.prefetch import Prefetcher
 from dpt_jax.objective import Objective, candidate_outputs
 
 EVAL_TIMESTEP = 500
@@ -66,20 +67,25 @@ def evaluate_discriminative(obj: Objective, trainable: Any, frozen: Any, dataset
     num_samples = min(num_samples, len(dataset))
     sums: Dict[str, float] = {}
     gt = []
-    for draw in range(draws):
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), draw)
-        for start in range(0, num_samples, batch_size):
-            rows = np.arange(start, min(start + batch_size, num_samples))
-            padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
-            # Each host feeds its slice of the batch; the hits come back replicated on every host.
-            local = np.array_split(padded, jax.process_count())[jax.process_index()]
-            hits = jax.device_get(fn(trainable, frozen,
-                                     parallel.global_batch(batches.fixed_batch(dataset, tokenizer, local), mesh), rng))
-            gt_box = np.asarray(hits.pop("gt_box"))[:len(rows)]
+    starts = range(0, num_samples, batch_size)
+
+    def local_batch(j: int) -> Dict[str, np.ndarray]:
+        """This host's slice of batch ``j`` (of draw ``j // len(starts)``); the last batch is
+        padded with its last row. The hits come back replicated on every host."""
+        rows = np.minimum(np.arange(batch_size) + starts[j % len(starts)], num_samples - 1)
+        return batches.fixed_batch(dataset, tokenizer, np.array_split(rows, jax.process_count())[jax.process_index()])
+
+    with Prefetcher(local_batch, draws * len(starts)) as batch_of:
+        for j in range(draws * len(starts)):
+            draw, b = divmod(j, len(starts))
+            kept = min(batch_size, num_samples - starts[b])
+            rng = jax.random.fold_in(jax.random.PRNGKey(seed), draw)
+            hits = jax.device_get(fn(trainable, frozen, parallel.global_batch(batch_of(j), mesh), rng))
+            gt_box = np.asarray(hits.pop("gt_box"))[:kept]
             for key, value in hits.items():
-                sums[key] = sums.get(key, 0.0) + float(np.asarray(value)[:len(rows)].sum())
+                sums[key] = sums.get(key, 0.0) + float(np.asarray(value)[:kept].sum())
             if draw == 0:
-                gt.append(gt_box[np.asarray(hits["has_rec"])[:len(rows)] > 0])
+                gt.append(gt_box[np.asarray(hits["has_rec"])[:kept] > 0])
     n = num_samples * draws
     n_rec = int(round(sums.pop("has_rec")))
     report: Dict[str, Any] = {"num_samples": num_samples, "draws": draws, "timestep": EVAL_TIMESTEP,

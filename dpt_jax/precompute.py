@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpt_jax.data import batches, precomputed
+from dpt_jax.data import batches, precomputed, sources
+from dpt_jax.data.prefetch import Prefetcher
 from dpt_jax.objective import encode_batch
 from dpt_jax.pipeline import StableDiffusion, load_pretrained
 
@@ -58,7 +59,8 @@ class Encoder:
 
 def source_description(config: ml_collections.ConfigDict, split: str) -> Dict[str, Any]:
     """What the rows depend on: a rerun into the same directory must match it."""
-    return {"pretrained": config.pretrained, "split": split, "data": config.data.to_dict()}
+    data = {k: v for k, v in config.data.to_dict().items() if k not in sources.SPEED_KEYS}
+    return {"pretrained": config.pretrained, "split": split, "data": data}
 
 
 def precompute(config: ml_collections.ConfigDict, out: str, split: str = "train", shard_size: int = 512,
@@ -82,17 +84,25 @@ def precompute(config: ml_collections.ConfigDict, out: str, split: str = "train"
     mine = [k for k in range(precomputed.num_shards(num_samples, shard_size))
             if k % jax.process_count() == jax.process_index()]
     todo = [k for k in mine if not os.path.isfile(precomputed.shard_path(out, k))]
-    for k in tqdm(todo, desc=f"precompute {split}", initial=len(mine) - len(todo), total=len(mine),
-                  disable=not todo):
+    work = []  # (shard, rows) of each batch to encode, in order: the next ones are read while one encodes
+    for k in todo:
         rows = np.arange(k * shard_size, min((k + 1) * shard_size, num_samples))
-        parts: List[Dict[str, np.ndarray]] = []
-        for start in range(0, len(rows), batch_size):
-            batch = batches.fixed_batch(dataset, sd.tokenizer, rows[start:start + batch_size])
-            encoded = encoder(batch)
-            parts.append({**{key: batch[key] for key in precomputed.ARRAY_KEYS if key in batch},
-                          **{key: v.astype(store) for key, v in encoded.items()}})
-        precomputed.write_shard(out, k, {key: np.concatenate([p[key] for p in parts])
-                                         for key in precomputed.ARRAY_KEYS})
+        work += [(k, rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
+    prefetch = Prefetcher(lambda j: batches.fixed_batch(dataset, sd.tokenizer, work[j][1]), len(work),
+                          config.data.get("prefetch", 2))
+    with prefetch as batch_of:
+        j = 0
+        for k in tqdm(todo, desc=f"precompute {split}", initial=len(mine) - len(todo), total=len(mine),
+                      disable=not todo):
+            parts: List[Dict[str, np.ndarray]] = []
+            while j < len(work) and work[j][0] == k:
+                batch = batch_of(j)
+                j += 1
+                encoded = encoder(batch)
+                parts.append({**{key: batch[key] for key in precomputed.ARRAY_KEYS if key in batch},
+                              **{key: v.astype(store) for key, v in encoded.items()}})
+            precomputed.write_shard(out, k, {key: np.concatenate([p[key] for p in parts])
+                                             for key in precomputed.ARRAY_KEYS})
     return out
 
 

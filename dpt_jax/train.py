@@ -304,15 +304,18 @@ class Trainer:
         """Mean metrics over the val split's first ``eval_size`` samples at t = 500."""
         n, bs = min(self.config.eval_size, len(self.val_data)), self.config.batch_size
         totals: Dict[str, float] = {}
-        count = 0
-        for start in range(0, n - n % bs, bs):
-            rows = np.arange(start, start + bs)
-            local_rows = np.array_split(rows, jax.process_count())[jax.process_index()]
-            batch = batches.fixed_batch(self.val_data, self.sd.tokenizer, local_rows)
-            metrics = jax.device_get(self.eval_fn(state, self.frozen, parallel.global_batch(batch, self.mesh)))
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            count += 1
+        count = n // bs
+
+        def local_batch(j: int) -> Dict[str, np.ndarray]:
+            rows = np.array_split(np.arange(j * bs, (j + 1) * bs), jax.process_count())[jax.process_index()]
+            return batches.fixed_batch(self.val_data, self.sd.tokenizer, rows)
+
+        with Prefetcher(local_batch, count, self.config.data.prefetch) as batch_of:
+            for j in range(count):
+                batch = parallel.global_batch(batch_of(j), self.mesh)
+                metrics = jax.device_get(self.eval_fn(state, self.frozen, batch))
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
         return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
 
 

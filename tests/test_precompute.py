@@ -69,7 +69,10 @@ def test_an_interrupted_precompute_finishes_with_the_same_shards(latents_dir, tm
     os.remove(precomputed.shard_path(out, 1))  # as if the run died while writing shard 1
     with pytest.raises(FileNotFoundError, match=r"shards \[1\] of 3 are missing"):
         precomputed.PrecomputedDataset(out)
-    precompute(_config(), out, "train", shard_size=8, batch_size=4, dtype="float32")
+    # Rerun with other thread and prefetch settings: they change how fast, not what, it reads.
+    rerun = _config()
+    rerun.data.update(threads=1, prefetch=0)
+    precompute(rerun, out, "train", shard_size=8, batch_size=4, dtype="float32")
     for k in range(3):
         with np.load(precomputed.shard_path(out, k)) as a, np.load(precomputed.shard_path(latents_dir, k)) as b:
             for key in precomputed.ARRAY_KEYS:

@@ -21,6 +21,8 @@ import ml_collections
 
 SOURCES = ("shapes", "negclip_tsv", "refexp_json", "jsonl", "coco_captions", "ref_coco", "precomputed")
 SPLITS = ("train", "val")
+# Keys of config.data that change how fast samples are read, not which samples.
+SPEED_KEYS = ("threads", "prefetch")
 
 
 def _path(d: ml_collections.ConfigDict, split: str) -> str:
