@@ -1,11 +1,21 @@
-"""PNG writing: single images and grids."""
+"""Images: the VAE's input range, PNG writing (single images and grids)."""
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
+
+
+def image_to_float(images: Any) -> Any:
+    """Images (numpy or jax) in the VAE's input range, float32 in [-1, 1]: uint8 in [0, 255] is
+    converted, float images are taken to be in that range already. Batches hold uint8 images (a
+    quarter of float32's bytes to build and move to the device); the program that reads them
+    converts them (``pipeline.vae_encode``)."""
+    if images.dtype != np.uint8:
+        return images
+    return images.astype(np.float32) / 127.5 - 1.0
 
 
 def save_png(image: np.ndarray, path: str) -> None:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dpt_jax import losses
+from dpt_jax.images import image_to_float
 from dpt_jax.lora import LoraSpec, lora_variables
 from dpt_jax.models.adapter import DiscriminativeAdapter, itm_score
 from dpt_jax.models.layers import flatten_groups, nth_of_each_group, regroup_rows, stack_rows
@@ -223,7 +224,7 @@ class AutoencoderObjective:
                dropout_rng: Optional[jax.Array] = None, timestep: Optional[int] = None
                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         vae = self.sd.vae
-        images = batch["image"]
+        images = image_to_float(batch["image"])
         mean, logvar = vae.apply({"params": trainable["vae"]}, images, method=type(vae).encode)
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["sample_id"])
         eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(keys)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpt_jax import parallel, weights
+from dpt_jax.images import image_to_float
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, load_params as load_text_params
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.models.vae import AutoencoderKL, VAEConfig
@@ -122,8 +123,9 @@ _unet_apply = parallel.jit(lambda unet, taps, eps, params, lora, latents, t, hid
 
 
 def vae_encode(vae: AutoencoderKL, params: Params, images: jax.Array) -> jax.Array:
-    """Images NHWC in [-1, 1] -> the scaled mean latent (what SD training reads)."""
-    mean, _ = vae.apply({"params": params}, images, method=AutoencoderKL.encode)
+    """Images NHWC, uint8 or float in [-1, 1] (``images.image_to_float``) -> the scaled mean
+    latent (what SD training reads)."""
+    mean, _ = vae.apply({"params": params}, image_to_float(images), method=AutoencoderKL.encode)
     return mean * vae.config.scaling_factor
 
 

@@ -311,7 +311,7 @@ def test_make_batch_reads_reader_batches(tmp_path, images):
     itm = HardNegativeTSV(_write_tsv(tmp_path / "t.tsv", _tsv_rows(names)), str(root), image_size=S)
     for ds in (RefExpJSON(str(path), str(root), image_size=S), itm):
         batch = make_batch(ds.batch([0, 1]), tok)
-        assert batch["image"].shape == (2, S, S, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (2, S, S, 3) and batch["image"].dtype == np.uint8
         assert batch["expression_box"].shape == (2, 4)
         # REC rows mark their spans' tokens; ITM-only rows mark none (masked via has_rec).
         marked = batch["expression_positive"].any(axis=1).tolist()

@@ -1,6 +1,7 @@
 """Synthetic shapes data set and its oracle."""
 import re
 
+import jax
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -176,6 +177,10 @@ def test_batch_shapes_and_dtypes(ds):
     assert b["expression_box"].min() >= 0 and b["expression_box"].max() <= 1
     f = image_to_float(b["image"])
     assert f.dtype == np.float32 and f.min() >= -1 and f.max() <= 1
+    # The program that reads a batch converts its uint8 images on the device: the same values to
+    # float32 rounding (XLA multiplies by 1 / 127.5).
+    np.testing.assert_allclose(np.asarray(jax.jit(image_to_float)(b["image"])), f, rtol=0, atol=1.2e-7)
+    assert image_to_float(f) is f  # float images are taken to be in range already
     np.testing.assert_allclose(image_to_float(np.array([0, 255], np.uint8)), [-1, 1])
 
 

@@ -150,8 +150,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
     def poisoned(*args, **kwargs):
         batch = original(*args, **kwargs)
-        if args[2] >= 2:  # from step 2 on the images are NaN
-            batch["image"] = np.full_like(batch["image"], np.nan)
+        if args[2] >= 2:  # from step 2 on the referring boxes are NaN
+            batch["expression_box"] = np.full_like(batch["expression_box"], np.nan)
         return batch
 
     monkeypatch.setattr(train_module.batches, "batch_at", poisoned)

@@ -1,4 +1,6 @@
 """Data sets. ``shapes``: the synthetic compositional world that replaces COCO + RefCOCO."""
+from dpt_jax.images import image_to_float
+
 from .oracle import caption_satisfied, detect_objects, parse_caption
 from .shapes import (
     COLOURS,
@@ -9,7 +11,6 @@ from .shapes import (
     ShapesDataset,
     describe,
     hard_negative,
-    image_to_float,
     referring_expression,
     render,
     sample_scene,

@@ -10,7 +10,6 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from dpt_jax.data.shapes import image_to_float
 from dpt_jax.tokenizer import Tokenizer
 
 IMAGE_KEYS = ("image", "neg_image", "rand_image")
@@ -37,7 +36,7 @@ def make_batch(samples: Dict[str, Any], tokenizer: Tokenizer) -> Dict[str, np.nd
     (``PrecomputedDataset.batch``) already are model inputs."""
     if "latents" in samples:
         return dict(samples)
-    batch = {key: image_to_float(np.asarray(samples[key])) for key in IMAGE_KEYS}
+    batch = {key: np.asarray(samples[key], np.uint8) for key in IMAGE_KEYS}
     for key in TEXT_KEYS:
         batch[key + "_ids"] = tokenizer(list(samples[key]))
     batch["expression_token_mask"] = tokenizer.token_mask(list(samples["expression"])).astype(np.float32)

@@ -123,11 +123,6 @@ def render(scene: Scene, image_size: int = 64) -> np.ndarray:
     return img
 
 
-def image_to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 images -> float32 in [-1, 1] (the VAE's input range)."""
-    return np.asarray(images, np.float32) / 127.5 - 1.0
-
-
 # --------------------------------------------------------------------------- layout
 
 
