@@ -412,7 +412,6 @@ class ShapesDataset(ThreadedBatches):
         }
 
 
-
 def stack_samples(samples: Sequence[dict]) -> dict:
     """Stack sample dicts (of any data set of the package): arrays gain a leading N axis, ids
     become int64 arrays, ``has_rec`` a bool array, everything else a list."""
