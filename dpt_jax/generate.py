@@ -1,4 +1,5 @@
-"""``dpt-jax generate``: prompts -> PNG images, a grid and a manifest, with optional self-correction.
+"""``dpt-jax generate``: prompts -> PNG images, a grid (of the first 64) and a manifest, with optional
+self-correction.
 
     dpt-jax generate --checkpoint runs/tune_tiny --prompt "a red square" --out out/ --self-correction 0.5
     dpt-jax generate --pretrained /data/sd21 --prompts prompts.txt --out out/ --images-per-prompt 4
@@ -15,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dpt_jax.images import save_grid, save_png
+from dpt_jax.images import GRID_IMAGES, PngWriter, save_grid
 
 
 def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str]:
@@ -106,20 +107,22 @@ def generate(args: argparse.Namespace) -> List[dict]:
     jobs = [(p, args.seed + i * args.images_per_prompt + k, i)
             for i, p in enumerate(prompts) for k in range(args.images_per_prompt)]
     rows, images = [], []
-    with open(os.path.join(args.out, "manifest.jsonl") if primary else os.devnull, "w") as manifest:
+    with open(os.path.join(args.out, "manifest.jsonl") if primary else os.devnull, "w") as manifest, \
+            PngWriter() as writer:
         for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch", disable=not primary):
             chunk = jobs[start:start + args.batch_size]
             out = generator([p for p, _, _ in chunk], [s for _, s, _ in chunk])
             for (prompt, seed, prompt_index), image, score in zip(chunk, out["images"], out["scores"]):
                 name = f"{len(rows):05d}.png"
                 if primary:
-                    save_png(image, os.path.join(args.out, name))
+                    writer.save_png(image, os.path.join(args.out, name))
                 row = dict(file=name, prompt=prompt, prompt_index=prompt_index, seed=seed, eta_sc=args.eta_sc,
                            steps=args.steps, guidance=args.guidance,
                            itm_score=None if math.isnan(float(score)) else float(score))
                 manifest.write(json.dumps(row) + "\n")
                 rows.append(row)
-                images.append(image)
+                if len(images) < GRID_IMAGES:
+                    images.append(image)
     if primary:
         save_grid(np.stack(images), os.path.join(args.out, "grid.png"), columns=args.images_per_prompt
                   if args.images_per_prompt > 1 else None)

@@ -1,11 +1,15 @@
 """Images: the VAE's input range, PNG writing (single images and grids)."""
 from __future__ import annotations
 
+import collections
 import math
 import os
-from typing import Any, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Deque, Optional
 
 import numpy as np
+
+GRID_IMAGES = 64  # images in a grid.png of many: a 512 px grid of 1000 would be 16k x 16k pixels
 
 
 def image_to_float(images: Any) -> Any:
@@ -38,3 +42,29 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -
 
 def save_grid(images: np.ndarray, path: str, columns: Optional[int] = None) -> None:
     save_png(make_grid(images, columns), path)
+
+
+class PngWriter:
+    """Writes PNGs in background threads while the caller goes on (zlib compresses without the
+    GIL). A 512 px image took 32 ms to write on one core here, a sixth of an H100's sampling time
+    per image. At most ``max_pending`` writes wait; leaving the ``with`` block waits for all of
+    them and raises the first error."""
+
+    def __init__(self, threads: int = 2, max_pending: int = 64):
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dpt-jax-png")
+        self._pending: Deque[Future] = collections.deque()
+        self.max_pending = max_pending
+
+    def save_png(self, image: np.ndarray, path: str) -> None:
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(save_png, image, path))
+
+    def __enter__(self) -> "PngWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self._pool.shutdown(wait=True)
+        if exc_type is None:  # an error already leaving the block is not hidden by a write's
+            while self._pending:
+                self._pending.popleft().result()

@@ -15,7 +15,7 @@ import numpy as np
 
 from dpt_jax.data.prompts import Prompt, per_category
 from dpt_jax.generate import SamplingModels, make_generator
-from dpt_jax.images import save_grid, save_png
+from dpt_jax.images import GRID_IMAGES, PngWriter, save_grid
 
 
 def variant_name(run: str, eta_sc: float) -> str:
@@ -29,17 +29,18 @@ def generate_variant(models: SamplingModels, eta_sc: float, prompts: Sequence[Pr
     generator = make_generator(models, steps=steps, guidance=guidance, eta_sc=eta_sc)
     os.makedirs(out_dir, exist_ok=True)
     images: List[np.ndarray] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=os.path.basename(out_dir), unit="batch"):
-        chunk = prompts[start:start + batch_size]
-        out = generator([p for p, _ in chunk], [seed + start + k for k in range(len(chunk))])
-        images.extend(out["images"])
+    with open(os.path.join(out_dir, "manifest.jsonl"), "w") as manifest, PngWriter() as writer:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=os.path.basename(out_dir), unit="batch"):
+            chunk = prompts[start:start + batch_size]
+            out = generator([p for p, _ in chunk], [seed + start + k for k in range(len(chunk))])
+            for (prompt, category), image in zip(chunk, out["images"]):
+                i = len(images)
+                writer.save_png(image, os.path.join(out_dir, f"{i:05d}.png"))
+                manifest.write(json.dumps(dict(file=f"{i:05d}.png", prompt=prompt, category=category, seed=seed + i,
+                                               eta_sc=eta_sc, steps=steps, guidance=guidance)) + "\n")
+                images.append(image)
     images_array = np.stack(images)
-    with open(os.path.join(out_dir, "manifest.jsonl"), "w") as manifest:
-        for i, ((prompt, category), image) in enumerate(zip(prompts, images_array)):
-            save_png(image, os.path.join(out_dir, f"{i:05d}.png"))
-            manifest.write(json.dumps(dict(file=f"{i:05d}.png", prompt=prompt, category=category, seed=seed + i,
-                                           eta_sc=eta_sc, steps=steps, guidance=guidance)) + "\n")
-    save_grid(images_array[:64], os.path.join(out_dir, "grid.png"))
+    save_grid(images_array[:GRID_IMAGES], os.path.join(out_dir, "grid.png"))
     return images_array
 
 
