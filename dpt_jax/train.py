@@ -297,9 +297,6 @@ class Trainer:
         return batches.batch_at(self.train_data, self.sd.tokenizer, step, self.config.batch_size,
                                 self.config.data.seed, jax.process_index(), jax.process_count())
 
-    def global_batch(self, step: int) -> Dict[str, jax.Array]:
-        return parallel.global_batch(self.local_batch(step), self.mesh)
-
     def evaluate(self, state: TrainState) -> Dict[str, float]:
         """Mean metrics over the val split's first ``eval_size`` samples at t = 500."""
         n, bs = min(self.config.eval_size, len(self.val_data)), self.config.batch_size

@@ -168,7 +168,7 @@ for fsdp in (1, 4):
     losses = []
     with trainer.mesh:
         for step in range(2):
-            state, metrics = trainer.step(state, trainer.global_batch(step))
+            state, metrics = trainer.step(state, parallel.global_batch(trainer.local_batch(step), trainer.mesh))
             losses.append(float(metrics["loss"]))
     out[fsdp] = dict(losses=losses, mesh=dict(trainer.mesh.shape), per_device=per_device,
                      total=sum(x.nbytes for x in leaves),
