@@ -38,8 +38,6 @@ class Prefetcher(Generic[T]):
 
     def close(self) -> None:
         """Drop the batches not yet asked for; a batch being built is finished in the background."""
-        for future in self._pending.values():
-            future.cancel()
         self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
