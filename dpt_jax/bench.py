@@ -13,7 +13,7 @@ The measurements of ``shared/bench/torch_dpt_reference.py`` (same names, same JS
 Weights are random (speed does not depend on them): the U-Net is SD-2.1-base stored bfloat16,
 latents and text states [B, 77, 1024] are fed directly (no VAE, no text tower), compute is
 bfloat16, trainable parameters (LoRA, adapter, AdamW moments) float32; the train step is the
-trainer's ``train_step`` jitted with the state donated. One JSON line per measurement with the
+trainer's (``packed_train_step``) jitted with the packed state donated. One JSON line per measurement with the
 anchor's keys (impl, device, batch, shapes, what, median_s, min_s, samples_per_s or images_per_s)
 plus compile_s, tflop (the model's flops: its matmuls and convolutions, counted on its jaxpr
 traced with XLA attention, since cuDNN's fused kernel is one opaque call; a sampling loop's body
@@ -58,10 +58,12 @@ from dpt_jax.models import attention, layers
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.models.vae import AutoencoderKL, VAEConfig
+from dpt_jax.packing import PackLayout
 from dpt_jax.pipeline import StableDiffusion, unet_init_shapes
 from dpt_jax.sampler import Models, SamplerConfig, denoise
 from dpt_jax.scheduler import NoiseSchedule
-from dpt_jax.train import build_objective, init_adapter_params, init_state, learning_rate, make_optimizer, train_step
+from dpt_jax.train import (build_objective, init_adapter_params, init_state, learning_rate, make_optimizer,
+                            packed_train_step, train_step)
 
 Params = Dict[str, Any]
 TEXT_LEN = 77
@@ -308,14 +310,16 @@ def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.
 
 def step_program(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dtype: str,
                  seed: int) -> Tuple[Callable, Tuple[Any, Any, Any]]:
-    """The train step of ``stage`` and its arguments (state, frozen U-Net, a random batch)."""
+    """The train step of ``stage`` as the trainer runs it and its arguments (packed state, frozen
+    U-Net, a random batch)."""
     config = stage_config(stage, shapes, batch, dtype)
     obj = build_objective(config, sd)
     optimizer = make_optimizer(config)
     state = init_state(config, sd, obj, optimizer)
     data = train_batch(np.random.default_rng(seed + 1), batch, shapes, sd.unet.dtype)
-    step_fn = functools.partial(train_step, obj, optimizer, learning_rate(config), 1)
-    return step_fn, (state, {"unet": sd.unet_params}, data)
+    step_fn = functools.partial(packed_train_step, functools.partial(train_step, obj, optimizer,
+                                                                      learning_rate(config), 1))
+    return step_fn, (PackLayout.of(state).pack(state), {"unet": sd.unet_params}, data)
 
 
 def sample_program(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, dtype: str, seed: int,
@@ -458,6 +462,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     args = parse_args(argv)
+    xla_flags = os.environ.get("XLA_FLAGS", "")  # the caller's: a variant compared on one machine
     if args.tiny:  # read when the backend starts: no effect if this process already used jax
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TINY_XLA_FLAGS}".strip()
     shapes = bench_shapes(args.tiny)
@@ -465,7 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     # The random SD-2.1 weights (seconds to make) only where a measurement runs the U-Net.
     sd = bench_sd(shapes, dtype, args.seed) if set(args.what) - {"attention"} else None
     base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__,
-                attention_implementation=args.attention_implementation, triton_gemm=args.triton_gemm)
+                attention_implementation=args.attention_implementation, triton_gemm=args.triton_gemm,
+                **({"xla_flags": xla_flags} if xla_flags else {}))
     lines = []
     implementation = None if args.attention_implementation == "auto" else args.attention_implementation
     # Around the timed calls too: a call that traced again outside would be another program.

@@ -41,6 +41,8 @@ LIBRARY_CATEGORIES = (("attention", re.compile(r"fmha|flash|sdpa|attention|compu
                           ("matmul", re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul", re.I)))
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+# The number of one of many events of a kind ('command_buffer_12', 'CudaGraph:584', 'fusion.3').
+_NUMBERED = re.compile(r"(?<=[_.:])\d+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,29 +367,48 @@ def device_events(profile: Any) -> Iterable[Tuple[str, str, float]]:
 
 
 def host_calls(profile: Any, runs: int = 1, top: int = 8) -> Dict[str, Any]:
-    """What the host thread that called the program did: ``host_ms``, milliseconds per run of its
-    ``top`` events (nested ones inside their parents: a call's 'PjitFunction' holds its argument
-    handling and launch), and ``first_op_ms``, from a call's start to the first op the device ran
-    after it: the latency a waited-for step pays before the device starts, which runs dispatched
-    back to back hide (the H100 tune step's was 7.9 ms of 86.8)."""
+    """What the host thread that called the program did, in milliseconds per run:
+
+    - ``host_ms``: its ``top`` events by total time (nested ones inside their parents: a call's
+      'PjitFunction' holds its argument handling and launch);
+    - ``host_self_ms``: its ``top`` kinds of event by their own time, without that of the events
+      inside them: where the call's time went (an H200 tune step: re-recording CUDA graphs,
+      launching them, initialising thunks). Numbered names are one kind
+      ('command_buffer_N', 'cuGraphLaunch (CudaGraph:N)');
+    - ``first_op_ms``: from a call's start to the first op the device ran after it: the latency a
+      waited-for step pays before the device starts, which runs dispatched back to back hide
+      (the H100 tune step's was 7.9 ms of 86.8)."""
     line = next((line for plane in profile.planes if plane.name.startswith("/host:") for line in plane.lines
                  if any(event.name.startswith("PjitFunction(") for event in line.events)), None)
     if line is None:
         return {}
     totals: Dict[str, float] = collections.Counter()
+    own: Dict[str, float] = collections.Counter()
     ends: Dict[str, float] = {}
+    open_events: List[Tuple[float, str]] = []  # (end, kind) of the events the current one is inside
     calls = []
-    for event in sorted(line.events, key=lambda event: event.start_ns):
+    for event in sorted(line.events, key=lambda event: (event.start_ns, -event.duration_ns)):
+        end = event.start_ns + event.duration_ns
+        while open_events and open_events[-1][0] <= event.start_ns:
+            open_events.pop()
+        kind = _NUMBERED.sub("N", event.name)
+        if open_events:
+            own[open_events[-1][1]] -= event.duration_ns
+        own[kind] += event.duration_ns
+        open_events.append((end, kind))
         if event.start_ns < ends.get(event.name, -math.inf):
             continue  # inside an event of its own name (a call within the call): counted there
-        ends[event.name] = event.start_ns + event.duration_ns
+        ends[event.name] = end
         totals[event.name] += event.duration_ns
         if event.name.startswith("PjitFunction("):
             calls.append(event.start_ns)
     starts = sorted(event.start_ns for event in _device_ops(profile))
     delays = [starts[i] - call for call in calls if (i := bisect.bisect_left(starts, call)) < len(starts)]
+
+    def ms(counts: Dict[str, float]) -> Dict[str, float]:
+        return {name: round(ns / runs / 1e6, 3) for name, ns in counts.most_common(top)}
     return dict(first_op_ms=round(sum(delays) / len(delays) / 1e6, 3) if delays else None,
-                host_ms={name: round(ns / runs / 1e6, 3) for name, ns in totals.most_common(top)})
+                host_ms=ms(totals), host_self_ms=ms(own))
 
 
 def summarize(events: Iterable[Tuple[str, str, float]], ops: Dict[str, HloOp], runs: int = 1, top: int = 25,

@@ -4,8 +4,9 @@
 - ``tune``: LoRA on the U-Net plus the adapter, with the denoising loss on the positive pair.
 
 Data parallel over a (data, fsdp) mesh: the batch is sharded, trainable parameters replicated,
-the step is one ``jax.jit``. Checkpoints (orbax) under ``WORKDIR/checkpoints/<step>/`` hold the
-step, parameters, optimizer state and RNG; the data order is a function of the step, so the
+the step is one ``jax.jit`` taking the train state packed into a few flat arrays
+(:mod:`dpt_jax.packing`). Checkpoints (orbax) under ``WORKDIR/checkpoints/<step>/`` hold the
+step, parameters, optimizer state and RNG, unpacked; the data order is a function of the step, so the
 same command on the same workdir resumes exactly.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dpt_jax.lora import LoraSpec, init_lora
 from dpt_jax.metrics import MetricWriter
 from dpt_jax.models.adapter import DiscriminativeAdapter
 from dpt_jax.objective import AutoencoderObjective, DenoisingObjective, Objective
+from dpt_jax.packing import SMALL_LEAF, Packed, PackLayout
 from dpt_jax.pipeline import StableDiffusion, load_pretrained
 
 Params = Dict[str, Any]
@@ -123,15 +125,11 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
     raise ValueError(f"config.optim.schedule={o.schedule!r}: expected 'constant' or 'cosine'")
 
 
-# Leaves up to this size join one reduction for the gradient norm: launching a kernel costs about
-# what reading 2**18 floats does, and all but five of an SD-2.1 tune step's 312 LoRA and adapter
-# leaves (the adapter's input projection and feed-forward kernels) are smaller.
-SMALL_LEAF = 2 ** 18
-
-
 def global_norm(tree: Any) -> jax.Array:
     """``optax.global_norm`` with the small leaves' squares summed in one reduction over their
-    concatenation, not one kernel per leaf."""
+    concatenation, not one kernel per leaf: launching a kernel costs about what reading
+    ``SMALL_LEAF`` floats does, and all but five of an SD-2.1 tune step's 313 LoRA and adapter
+    leaves (the adapter's input projection and feed-forward kernels) are smaller."""
     leaves = [x.astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
     sums = [jnp.sum(jnp.square(x)) for x in leaves if x.size > SMALL_LEAF]
     small = [x.ravel() for x in leaves if x.size <= SMALL_LEAF]
@@ -233,8 +231,17 @@ def train_step(obj: Any, optimizer: optax.GradientTransformation, schedule: opta
     return new_state, metrics
 
 
-def eval_step(obj: Any, state: TrainState, frozen: Params, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+def packed_train_step(step_fn: Any, state: Packed, frozen: Params, batch: Dict[str, jax.Array]
+                      ) -> Tuple[Packed, Dict[str, jax.Array]]:
+    """``step_fn`` (a :func:`train_step` with its leading arguments bound) on a packed state: the
+    state crosses the compiled call's boundary as a few flat arrays (:mod:`dpt_jax.packing`)."""
+    new_state, metrics = step_fn(state.unpack(), frozen, batch)
+    return state.layout.pack(new_state), metrics
+
+
+def eval_step(obj: Any, packed: Packed, frozen: Params, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
     """Losses (and ITM accuracies) without dropout; DPT stages score at t = 500 (the protocol)."""
+    state = packed.unpack()
     eval_rng = jax.random.fold_in(state.rng, 2)
     timestep = 500 if isinstance(obj, Objective) else None
     return obj.losses(state.params, frozen, batch, eval_rng, None, timestep)[1]
@@ -269,17 +276,18 @@ class Trainer:
                 size = latent_size(config, self.sd)
                 data.check_compatible((size, size, self.sd.unet.config.in_channels), self.sd.text_width)
         replicated = parallel.replicated(self.mesh)
-        self._step_fn = functools.partial(train_step, self.objective, self.optimizer, self.schedule,
-                                          config.grad_accum)
+        self._step_fn = functools.partial(packed_train_step, functools.partial(
+            train_step, self.objective, self.optimizer, self.schedule, config.grad_accum))
         self._compiled_step: Optional[Any] = None
         self.eval_fn = parallel.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)
+        self._unpack_fn = parallel.jit(Packed.unpack, out_shardings=replicated)
         self.ckpt = checkpoints.Manager(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                         config.keep_checkpoints)
 
-    def step(self, state: TrainState, batch: Dict[str, jax.Array]) -> Tuple[TrainState, Dict[str, jax.Array]]:
-        """One train step (``state`` donated). The first call compiles it, the frozen weights'
-        layout left to XLA (``parallel.compile_with_frozen_layouts``), and lays ``self.frozen`` out
-        so; the program then runs as compiled, no retracing."""
+    def step(self, state: Packed, batch: Dict[str, jax.Array]) -> Tuple[Packed, Dict[str, jax.Array]]:
+        """One train step on the packed state (:meth:`pack`; donated). The first call compiles
+        it, the frozen weights' layout left to XLA (``parallel.compile_with_frozen_layouts``), and
+        lays ``self.frozen`` out so; the program then runs as compiled, no retracing."""
         if self._compiled_step is None:
             replicated = parallel.replicated(self.mesh)
             self._compiled_step, self.frozen = parallel.compile_with_frozen_layouts(
@@ -292,12 +300,27 @@ class Trainer:
         restored = self.ckpt.restore_latest(state)
         return restored if restored is not None else state
 
+    def pack(self, state: TrainState) -> Packed:
+        """``state`` as :meth:`step` and :meth:`evaluate` take it (replicated)."""
+        layout = PackLayout.of(state)
+        return parallel.jit(layout.pack, out_shardings=parallel.replicated(self.mesh))(state)
+
+    def unpack(self, state: Packed) -> TrainState:
+        """The packed state as a :class:`TrainState` of its own arrays (replicated)."""
+        return self._unpack_fn(state)
+
+    def save(self, step: int, state: Packed, force: bool = False) -> None:
+        """A checkpoint of the packed state, unpacked (the checkpoint's format does not depend
+        on the packing), when ``step`` is due or ``force``."""
+        if force or self.ckpt.should_save(step):
+            self.ckpt.save(step, self.unpack(state), force=True)
+
     def local_batch(self, step: int) -> Dict[str, np.ndarray]:
         """This host's rows of the training batch of ``step``, on the host."""
         return batches.batch_at(self.train_data, self.sd.tokenizer, step, self.config.batch_size,
                                 self.config.data.seed, jax.process_index(), jax.process_count())
 
-    def evaluate(self, state: TrainState) -> Dict[str, float]:
+    def evaluate(self, state: Packed) -> Dict[str, float]:
         """Mean metrics over the val split's first ``eval_size`` samples at t = 500."""
         n, bs = min(self.config.eval_size, len(self.val_data)), self.config.batch_size
         totals: Dict[str, float] = {}
@@ -343,6 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
             f.write(config.to_json_best_effort(indent=2))
     state = trainer.initial_state()
     start = int(state.step)
+    state = trainer.pack(state)
     writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     preemption = Preemption()
     last: Dict[str, float] = {}
@@ -366,12 +390,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                     progress.set_postfix(loss=f"{last['loss']:.4f}")
                 progress.update(1)
                 if preemption.reached(done):
-                    trainer.ckpt.save(done, state, force=True)
+                    trainer.save(done, state, force=True)
                     logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
                                     done, trainer.ckpt.directory)
                     last["preempted"] = 1.0  # callers running several stages stop here too
                     break
-                trainer.ckpt.save(done, state, force=done == config.num_steps)
+                trainer.save(done, state, force=done == config.num_steps)
     finally:
         preemption.close()
         trainer.ckpt.wait()

@@ -23,6 +23,8 @@
 #   BUDGET_S=300 bash launch/bench_gpu.sh attention:16 probe:8:compile
 #   ATTENTION=pallas_mgpu bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with Pallas self-attention
 #   TRITON_GEMM=1 PROFILE=0 bash launch/bench_gpu.sh tune:4:none  # dpt-jax with XLA's Triton matmuls
+#   XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP bash launch/bench_gpu.sh tune:4:none
+#                                  # an XLA variant: dpt-jax's lines record the caller's flags (xla_flags)
 #
 # The whole script stays within BUDGET_S seconds (default 540): each anchor command gets at most
 # TORCH_S (default 300), each dpt-jax command what is left. Seen on an H100 (2026-11-26): the

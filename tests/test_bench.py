@@ -14,6 +14,9 @@ def test_bench_tiny_lines(tmp_path):
     # A fresh process: --tiny's XLA flags act only before jax starts; the CLI shares the
     # persistent compilation cache with the other tests.
     env = cpu_process_env()
+    # A flag of the caller's (one --tiny sets as well, so the programs stay the same): the lines
+    # say which XLA flags they were measured with.
+    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
     run = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "bench", "--tiny", "--batch", "2",
                           "--profile", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -27,6 +30,7 @@ def test_bench_tiny_lines(tmp_path):
         assert ANCHOR_KEYS | {unit, "compile_s", "mfu", "steady_s", "steady_mfu", "tflop", "xla_tflop"} <= set(x), x
         assert (x["impl"], x["device"], x["shapes"], x["batch"]) == ("dpt-jax", "cpu", "tiny", 2)
         assert x["triton_gemm"] is False  # dpt_jax.parallel.XLA_OPTIONS' default
+        assert x["xla_flags"] == env["XLA_FLAGS"], x  # the caller's, not --tiny's
         for key in ("median_s", "min_s", "steady_s", unit, "compile_s", "tflop", "xla_tflop"):
             assert math.isfinite(x[key]) and x[key] > 0, (key, x)
         assert x["min_s"] <= x["median_s"]

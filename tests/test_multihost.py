@@ -164,7 +164,7 @@ for fsdp in (1, 4):
         lambda x: jax.device_put(x, parallel.fsdp_sharding(trainer.mesh, x, min_size=4096)), trainer.frozen)
     leaves = jax.tree_util.tree_leaves(trainer.frozen)
     per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
-    state = trainer.initial_state()
+    state = trainer.pack(trainer.initial_state())
     losses = []
     with trainer.mesh:
         for step in range(2):
@@ -172,7 +172,8 @@ for fsdp in (1, 4):
             losses.append(float(metrics["loss"]))
     out[fsdp] = dict(losses=losses, mesh=dict(trainer.mesh.shape), per_device=per_device,
                      total=sum(x.nbytes for x in leaves),
-                     params=[np.asarray(p) for p in jax.tree_util.tree_leaves(jax.device_get(state.params))])
+                     params=[np.asarray(p) for p in
+                             jax.tree_util.tree_leaves(jax.device_get(trainer.unpack(state).params))])
 a, b = out[1], out[4]
 diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a["params"], b["params"]))
 print(json.dumps(dict(losses={k: v["losses"] for k, v in out.items()}, mesh={k: v["mesh"] for k, v in out.items()},

@@ -310,3 +310,21 @@ def test_host_calls_time_the_calling_threads_dispatch():
     host = profiling.host_calls(jax.profiler.ProfileData.from_serialized_xspace(trace), runs=2)
     assert 0 < host["host_ms"]["PjitFunction(<lambda>)"] <= wall * 1e3 / 2, (host, wall)
     assert 0 <= host["first_op_ms"] <= wall * 1e3 / 2, (host, wall)
+
+
+def test_host_self_time_takes_nested_events_out_of_their_parents():
+    from types import SimpleNamespace as NS
+
+    def event(name, start_ms, end_ms):
+        return NS(name=name, start_ns=int(start_ms * 1e6), duration_ns=int((end_ms - start_ms) * 1e6), stats=[])
+    host = [event("PjitFunction(step)", 0, 100), event("ParseArguments", 1, 11), event("Execute", 20, 90),
+            event("command_buffer_1", 30, 50), event("command_buffer::update", 31, 41),
+            event("command_buffer_27", 60, 70), event("command_buffer::update", 61, 65)]
+    device = [event("kernel", 25, 26)]
+    profile = NS(planes=[NS(name="/host:CPU", lines=[NS(name="python3", events=host)]),
+                         NS(name="/device:GPU:0", lines=[NS(name="Stream #1", events=device)])])
+    calls = profiling.host_calls(profile)
+    assert calls["host_self_ms"] == {"Execute": 40.0, "PjitFunction(step)": 20.0, "command_buffer_N": 16.0,
+                                     "command_buffer::update": 14.0, "ParseArguments": 10.0}
+    assert calls["host_ms"]["PjitFunction(step)"] == 100.0 and calls["host_ms"]["command_buffer::update"] == 14.0
+    assert calls["first_op_ms"] == 25.0
