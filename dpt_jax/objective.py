@@ -130,7 +130,8 @@ def candidate_outputs(obj: Objective, trainable: Params, frozen: Params, batch: 
         latents_t = jax.vmap(lambda x: sd.schedule.add_noise(x, noise, t), in_axes=1, out_axes=1)(latents)
         lat, t_rows = flatten_groups(latents_t), jnp.repeat(t, latents_t.shape[1])
         sample_of_row = IMAGE_OF_CANDIDATE
-    lora = lora_variables(trainable["lora"], obj.lora) if obj.lora is not None and trainable.get("lora") else None
+    lora = (lora_variables(trainable["lora"], obj.lora, sd.unet.dtype)
+            if obj.lora is not None and trainable.get("lora") else None)
     unet_params = frozen["unet"]
     out: Dict[str, jax.Array] = {"t": t}
 

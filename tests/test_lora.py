@@ -96,6 +96,35 @@ def test_lora_collection_equals_merged_weights(sd, inputs, targets, application)
         assert err < 1e-5
 
 
+@pytest.mark.parametrize("targets", [("to_q", "to_k", "to_v", "to_out.0"), ("ff.net.0.proj", "proj_in", "conv1")])
+def test_updates_made_in_batches_equal_each_layers_own(sd, inputs, targets):
+    """``lora_variables`` with a dtype: each module's ``A B`` made by one batched matmul per shape
+    of factors. The U-Net's outputs and the factors' gradients are those of layers that make
+    their own updates from A and B."""
+    spec = LoraSpec(rank=4, alpha=8.0, targets=targets)
+    lora = _randomize_b(init_lora(sd.unet_params, spec, jax.random.PRNGKey(0)), seed=1)
+    batched = lora_variables(lora, spec, jnp.float32)
+    assert {p[-1] for p in _flatten(batched)} == {"lora_delta"}
+    assert {p[:-1] for p in _flatten(batched)} == {p[:-1] for p in _flatten(lora)}
+    latents, t, hidden = inputs
+
+    def loss(factors, dtype):
+        eps, taps = unet_forward(sd.unet, sd.unet_params, lora_variables(factors, spec, dtype), latents, t, hidden,
+                                 (TAP,))
+        return jnp.sum(eps ** 2) + jnp.sum(taps[TAP] ** 2)
+    own_loss, own_grads = jax.jit(jax.value_and_grad(lambda f: loss(f, None)))(lora)
+    loss_b, grads_b = jax.jit(jax.value_and_grad(lambda f: loss(f, jnp.float32)))(lora)
+    # float32: the same products and sums, in batches (equal to the last bit on this CPU)
+    assert abs(float(loss_b) - float(own_loss)) <= 1e-5 * abs(float(own_loss))
+    own, made_in_batches = _flatten(own_grads), _flatten(grads_b)
+    largest = max(float(np.max(np.abs(g))) for g in own.values())
+    assert largest > 0
+    for path, g in own.items():
+        assert float(np.max(np.abs(np.asarray(made_in_batches[path]) - g))) <= 1e-5 * largest, path
+    with lora_application("factored"), pytest.raises(ValueError, match="lora_delta"):
+        jax.jit(lambda: unet_forward(sd.unet, sd.unet_params, batched, latents, t, hidden, (TAP,)))()
+
+
 def _expected_attention_paths(unet_params):
     """to_q/k/v/out.0 of attn1 and attn2 of every transformer block, found from the Flax paths."""
     blocks = {p[:p.index(name) + 1] for p in _flatten(unet_params)

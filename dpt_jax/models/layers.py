@@ -57,8 +57,19 @@ def lora_application(name: str) -> Iterator[None]:
         _lora_application = previous
 
 
+def merged_lora() -> bool:
+    """Whether the layers traced now merge LoRA into their kernels (:func:`lora_application`)."""
+    return _lora_application == "merged"
+
+
 def _lora_factors(module: nn.Module) -> Any:
-    """(A, B) from the ``lora`` collection, or None."""
+    """(A, B) from the ``lora`` collection, or the kernel update ``A B`` made beforehand
+    (``lora_delta``: :func:`dpt_jax.lora.lora_variables`), or None."""
+    if module.has_variable(LORA, "lora_delta"):
+        if not merged_lora():
+            raise ValueError("a LoRA update merged beforehand ('lora_delta') reached a layer traced under "
+                             "lora_application('factored'), which needs the factors A and B")
+        return module.get_variable(LORA, "lora_delta")
     if not module.has_variable(LORA, "lora_A"):
         return None
     return module.get_variable(LORA, "lora_A"), module.get_variable(LORA, "lora_B")
@@ -73,14 +84,15 @@ def lora_delta(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _merged(kernel: jax.Array, factors: Any, dtype: Dtype) -> jax.Array:
-    if factors is None or _lora_application != "merged":
+    if factors is None or not merged_lora():
         return kernel.astype(dtype)
-    return kernel.astype(dtype) + lora_delta(*(f.astype(dtype) for f in factors))
+    delta = lora_delta(*(f.astype(dtype) for f in factors)) if isinstance(factors, tuple) else factors
+    return kernel.astype(dtype) + delta.astype(dtype)
 
 
 def _branch_factors(factors: Any) -> Any:
     """The factors a layer applies as a branch beside its kernel: only when 'factored'."""
-    return factors if _lora_application == "factored" else None
+    return None if merged_lora() else factors
 
 
 class Linear(nn.Module):
