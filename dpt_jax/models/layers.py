@@ -5,9 +5,10 @@ PyTorch state-dict key (``down_blocks.0.attentions.1.to_q.weight`` lives at
 ``params/down_blocks_0/attentions_1/to_q/kernel``); :mod:`dpt_jax.weights` relies on that.
 
 ``Linear`` and ``Conv2d`` read optional LoRA factors from the ``lora`` variable collection
-(``lora_A``, ``lora_B``, already multiplied by alpha / rank); the frozen base weights stay in
-``params``. By default the update is merged into the kernel, ``W + A B`` (in float32, then cast
-to the compute dtype), and the layer runs one matmul or convolution: :func:`lora_application`.
+(``lora_A``, ``lora_B``, already multiplied by alpha / rank), or the update ``A B`` made
+beforehand (``lora_delta``); the frozen base weights stay in ``params``. By default the update is
+merged into the kernel, ``W + A B`` in the compute dtype, and the layer runs one matmul or
+convolution: :func:`lora_application`.
 """
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ def lora_application(name: str) -> Iterator[None]:
     HLO) for 1.27 TFLOP more (27.13 vs 25.86). The benchmark counts its model flops 'factored':
     the flops LoRA needs, so the extra matmuls do not raise the MFU.
 
-    In bfloat16 the merged kernel is rounded once: where the update is below half a bf16 step of
-    a weight, rounding moves that weight by a whole step or not at all, right on average over the
-    weights (as rounding W alone already is). A's and B's gradients come from the same dy and x
+    In bfloat16 the merged kernel is rounded once more than W: where the update is below half a
+    bf16 step of a weight, rounding moves that weight by a whole step or not at all, right on
+    average over the weights (as rounding W alone already is). The U-Net of a train step gets its
+    updates ``A B`` made beforehand, in batches (:func:`dpt_jax.lora.lora_variables`). A's and B's gradients come from the same dy and x
     either way. The choice is read while tracing: a jitted function already traced keeps it.
     """
     if name not in LORA_APPLICATIONS:
