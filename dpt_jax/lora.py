@@ -94,7 +94,8 @@ def lora_variables(lora: Params, spec: LoraSpec, dtype: Optional[Any] = None) ->
     """The ``lora`` collection the layers read: B carries alpha / rank.
 
     When the layers merge LoRA into their kernels (the default :func:`lora_application`) and
-    ``dtype`` (the compute dtype) is given, each module gets its kernel update ``A B`` made here
+    ``dtype`` (the compute dtype) is given (the objective gives it on a GPU), each module gets its
+    kernel update ``A B`` made here
     instead (``lora_delta``), one batched matmul for all the modules of a shape: the SD-2.1 tune
     step's 128 attention projections come in 6 shapes. Made by each module, the update was a rank-4
     matmul forward and two backward per module, with A and B padded to rank 8 for cuBLAS and the

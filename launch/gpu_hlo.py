@@ -59,7 +59,7 @@ def gpu_sharding(target: str) -> jax.sharding.NamedSharding:
 def pretend_cudnn() -> None:
     """Trace attention as on the GPU: cuDNN where it compiled there, XLA's for the 1-token queries
     it refused (the adapter's)."""
-    attention._on_gpu = lambda: True
+    attention.on_gpu = lambda: True
     attention._cudnn_compiles = lambda q_shape, k_shape, dtype: q_shape[1] >= 64
     fused_attention_stablehlo.check_cudnn_version = lambda: CUDNN_VERSION
     fused_attention_stablehlo.check_compute_capability = lambda capability: float(capability) <= 9.0

@@ -30,7 +30,7 @@ def test_padded_keys_give_the_same_attention_and_gradients():
 @pytest.fixture
 def on_gpu(monkeypatch):
     """A GPU as far as the dispatch can tell; the probe's cache starts empty and is left empty."""
-    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(attention, "on_gpu", lambda: True)
     probe = attention._cudnn_compiles
     probe.cache_clear()
     yield

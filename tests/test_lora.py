@@ -125,6 +125,41 @@ def test_updates_made_in_batches_equal_each_layers_own(sd, inputs, targets):
         jax.jit(lambda: unet_forward(sd.unet, sd.unet_params, batched, latents, t, hidden, (TAP,)))()
 
 
+def test_the_objective_makes_the_updates_in_batches_on_a_gpu(sd, monkeypatch):
+    """Stage 2's loss traced for a GPU (``attention.on_gpu``; float32, so cuDNN's attention is not
+    asked for) makes the LoRA updates in batches: fewer matmuls, the same loss."""
+    from dpt_jax.models import attention
+    config = tiny("tune")
+    config.batch_size, config.adapter.dropout = 2, 0.0
+    obj = build_objective(config, sd)
+    batch = batches.batch_at(make_dataset(config, "train"), sd.tokenizer, 0, config.batch_size, config.data.seed)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    state = init_state(config, sd, obj, optax.sgd(1.0))
+    params = dict(state.params, lora=_randomize_b(state.params["lora"], seed=2, std=0.05))
+
+    def loss(p):
+        return obj.losses(p, sd.frozen_params(), batch, state.rng, None)[0]
+    out = {}
+    for gpu in (False, True):
+        monkeypatch.setattr(attention, "on_gpu", lambda gpu=gpu: gpu)
+        jax.clear_caches()  # a trace made for the other platform would be reused
+        jaxpr = jax.make_jaxpr(loss)(params)
+        dots = sum(1 for eqn in jaxpr.eqns for e in [eqn] + [sub for sub in _sub_eqns(eqn)]
+                   if e.primitive.name == "dot_general")
+        out[gpu] = (dots, float(jax.jit(loss)(params)))
+    modules = len(lora_module_names(params["lora"]))
+    print(f"dot_generals: {out[False][0]} per module, {out[True][0]} in batches ({modules} LoRA modules)")
+    assert out[True][0] < out[False][0]
+    np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-6)
+
+
+def _sub_eqns(eqn):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        for e in sub.eqns:
+            yield e
+            yield from _sub_eqns(e)
+
+
 def _expected_attention_paths(unet_params):
     """to_q/k/v/out.0 of attn1 and attn2 of every transformer block, found from the Flax paths."""
     blocks = {p[:p.index(name) + 1] for p in _flatten(unet_params)

@@ -23,13 +23,14 @@ import jax.numpy as jnp
 CUDNN_KEY_MULTIPLE = 64
 
 
-def _on_gpu() -> bool:
+def on_gpu() -> bool:
+    """Whether programs traced now are for a GPU (``launch/gpu_hlo.py`` says so on a CPU)."""
     return jax.default_backend() == "gpu"
 
 
 def _cudnn_may_support(q: jax.Array) -> bool:
     """The static part of cuDNN's flash-attention conditions (GPU, half precision, head dim)."""
-    return _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+    return on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
 
 
 def _padded_key_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
@@ -69,7 +70,7 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
 
 def _pallas_may_run(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> bool:
     """Self-attention on a GPU in half precision with whole blocks and a head dim of 64s."""
-    return (_on_gpu() and mask is None and q.shape == k.shape and q.dtype in (jnp.bfloat16, jnp.float16)
+    return (on_gpu() and mask is None and q.shape == k.shape and q.dtype in (jnp.bfloat16, jnp.float16)
             and q.shape[-1] % 64 == 0 and q.shape[1] % PALLAS_BLOCK == 0)
 
 

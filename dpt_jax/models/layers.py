@@ -46,8 +46,9 @@ def lora_application(name: str) -> Iterator[None]:
     In bfloat16 the merged kernel is rounded once more than W: where the update is below half a
     bf16 step of a weight, rounding moves that weight by a whole step or not at all, right on
     average over the weights (as rounding W alone already is). The U-Net of a train step gets its
-    updates ``A B`` made beforehand, in batches (:func:`dpt_jax.lora.lora_variables`). A's and B's gradients come from the same dy and x
-    either way. The choice is read while tracing: a jitted function already traced keeps it.
+    updates ``A B`` made beforehand, in batches (:func:`dpt_jax.lora.lora_variables`). A's and
+    B's gradients come from the same dy and x either way. The choice is read while tracing: a
+    jitted function already traced keeps it.
     """
     if name not in LORA_APPLICATIONS:
         raise ValueError(f"unknown LoRA application {name!r}: expected one of {LORA_APPLICATIONS}")
