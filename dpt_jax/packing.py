@@ -65,8 +65,10 @@ class PackLayout:
                 raise ValueError(f"leaf of shape {np.shape(leaf)} where the layout has {shape}")
             if group < 0:
                 whole.append(leaf)
+            elif leaf.dtype != self.dtypes[group]:
+                raise ValueError(f"leaf of dtype {leaf.dtype} where the layout has {self.dtypes[group]}")
             else:
-                parts[group].append(jnp.ravel(leaf).astype(self.dtypes[group]))
+                parts[group].append(jnp.ravel(leaf))
         return Packed(tuple(jnp.concatenate(p) for p in parts), tuple(whole), self)
 
 

@@ -51,11 +51,13 @@ def test_a_packed_tree_unpacks_to_itself():
     _assert_same(fetched.unpack(), tree)
 
 
-def test_packing_a_tree_of_other_shapes_is_refused():
+def test_packing_a_tree_of_other_shapes_or_dtypes_is_refused():
     tree = _tree()
     layout = PackLayout.of(tree)
     with pytest.raises(ValueError, match=r"leaf of shape \(3, 5\) where the layout has \(3, 4\)"):
         layout.pack(dict(tree, a=dict(tree["a"], kernel=jnp.zeros((3, 5)))))
+    with pytest.raises(ValueError, match="leaf of dtype int32 where the layout has float32"):
+        layout.pack(dict(tree, a=dict(tree["a"], kernel=jnp.zeros((3, 4), jnp.int32))))
 
 
 def test_the_packed_train_step_is_the_train_step():
