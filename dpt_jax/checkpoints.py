@@ -16,20 +16,20 @@ def _abstract(tree: Any) -> Any:
 
 
 class Manager:
-    """Save every ``every`` steps (and on request), keep the newest ``keep``, restore the latest."""
+    """Checkpoints due every ``every`` steps, the newest ``keep`` kept; the latest restored."""
 
     def __init__(self, directory: str, every: int, keep: int):
         self.directory = os.path.abspath(directory)
         self.every = every
-        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
 
-    def save(self, step: int, state: Any, force: bool = False) -> None:
-        if force or self.should_save(step):
-            self._manager.save(step, args=ocp.args.StandardSave(serialization.to_state_dict(state)), force=force)
+    def save(self, step: int, state: Any) -> None:
+        """``state`` saved as step ``step`` (whether a run's step is due: :meth:`should_save`)."""
+        self._manager.save(step, args=ocp.args.StandardSave(serialization.to_state_dict(state)), force=True)
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()

@@ -313,7 +313,7 @@ class Trainer:
         """A checkpoint of the packed state, unpacked (the checkpoint's format does not depend
         on the packing), when ``step`` is due or ``force``."""
         if force or self.ckpt.should_save(step):
-            self.ckpt.save(step, self.unpack(state), force=True)
+            self.ckpt.save(step, self.unpack(state))
 
     def local_batch(self, step: int) -> Dict[str, np.ndarray]:
         """This host's rows of the training batch of ``step``, on the host."""
