@@ -13,8 +13,8 @@ The measurements of ``shared/bench/torch_dpt_reference.py`` (same names, same JS
 Weights are random (speed does not depend on them): the U-Net is SD-2.1-base stored bfloat16,
 latents and text states [B, 77, 1024] are fed directly (no VAE, no text tower), compute is
 bfloat16, trainable parameters (LoRA, adapter, AdamW moments) float32; the train step is the
-trainer's (``packed_train_step``) jitted with the packed state donated. One JSON line per measurement with the
-anchor's keys (impl, device, batch, shapes, what, median_s, min_s, samples_per_s or images_per_s)
+trainer's (``train.packed_step_function``) jitted with the packed state donated. One JSON line
+per measurement with the anchor's keys (impl, device, batch, shapes, what, median_s, min_s, samples_per_s or images_per_s)
 plus compile_s, tflop (the model's flops: its matmuls and convolutions, counted on its jaxpr
 traced with XLA attention, since cuDNN's fused kernel is one opaque call; a sampling loop's body
 times the steps), xla_tflop (XLA's ``cost_analysis()`` of the compiled program, for comparison:
@@ -63,7 +63,7 @@ from dpt_jax.pipeline import StableDiffusion, unet_init_shapes
 from dpt_jax.sampler import Models, SamplerConfig, denoise
 from dpt_jax.scheduler import NoiseSchedule
 from dpt_jax.train import (build_objective, init_adapter_params, init_state, learning_rate, make_optimizer,
-                            packed_train_step, train_step)
+                            packed_step_function)
 
 Params = Dict[str, Any]
 TEXT_LEN = 77
@@ -317,8 +317,7 @@ def step_program(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dt
     optimizer = make_optimizer(config)
     state = init_state(config, sd, obj, optimizer)
     data = train_batch(np.random.default_rng(seed + 1), batch, shapes, sd.unet.dtype)
-    step_fn = functools.partial(packed_train_step, functools.partial(train_step, obj, optimizer,
-                                                                      learning_rate(config), 1))
+    step_fn = packed_step_function(obj, optimizer, learning_rate(config), 1)
     return step_fn, (PackLayout.of(state).pack(state), {"unet": sd.unet_params}, data)
 
 
