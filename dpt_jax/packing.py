@@ -17,11 +17,15 @@ instead of 956 and runs 285 fewer kernels (the per-array updates), for 0.2 GB mo
 
 Large arrays stay whole: where a matmul or convolution reads a slice of a packed vector, XLA
 copies it first, which for a U-Net kernel would cost more than the call saves.
+
+On a CPU nothing is packed by default (:func:`default_max_size`): the same code, every leaf whole.
+There the host runs each op anyway, and XLA:CPU takes seconds to compile the concatenation and
+the slices of hundreds of leaves (the whole tiny U-Net's, in the pretraining stage's step).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import flax
 import jax
@@ -30,6 +34,12 @@ import numpy as np
 
 # Arrays up to this many elements are packed (as in train.global_norm's one reduction).
 SMALL_LEAF = 2 ** 18
+
+
+def default_max_size() -> int:
+    """The largest leaf packed when :meth:`PackLayout.of` is not told: ``SMALL_LEAF`` where the
+    host pays for each array and kernel of a call (GPU, TPU), 0 (nothing packed) on a CPU."""
+    return 0 if jax.default_backend() == "cpu" else SMALL_LEAF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +51,10 @@ class PackLayout:
     groups: Tuple[int, ...]            # per leaf: its vector in ``Packed.flat``, or -1: kept whole
 
     @classmethod
-    def of(cls, tree: Any, max_size: int = SMALL_LEAF) -> "PackLayout":
-        """The layout packing ``tree``'s numeric leaves of up to ``max_size`` elements by dtype."""
+    def of(cls, tree: Any, max_size: Optional[int] = None) -> "PackLayout":
+        """The layout packing ``tree``'s numeric leaves of up to ``max_size`` (default:
+        :func:`default_max_size`) elements by dtype."""
+        max_size = default_max_size() if max_size is None else max_size
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         dtypes, groups = [], []
         for leaf in leaves:

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from jax._src.cudnn import fused_attention_stablehlo  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from dpt_jax import bench, parallel, profiling  # noqa: E402
+from dpt_jax import bench, packing, parallel, profiling  # noqa: E402
 from dpt_jax.models import attention  # noqa: E402
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
@@ -58,8 +58,9 @@ def gpu_sharding(target: str) -> jax.sharding.NamedSharding:
 
 def pretend_cudnn() -> None:
     """Trace attention as on the GPU: cuDNN where it compiled there, XLA's for the 1-token queries
-    it refused (the adapter's)."""
+    it refused (the adapter's); pack the train state as there."""
     attention.on_gpu = lambda: True
+    packing.default_max_size = lambda: packing.SMALL_LEAF
     attention._cudnn_compiles = lambda q_shape, k_shape, dtype: q_shape[1] >= 64
     fused_attention_stablehlo.check_cudnn_version = lambda: CUDNN_VERSION
     fused_attention_stablehlo.check_compute_capability = lambda capability: float(capability) <= 9.0

@@ -96,12 +96,12 @@ def test_lora_collection_equals_merged_weights(sd, inputs, targets, application)
         assert err < 1e-5
 
 
-@pytest.mark.parametrize("targets", [("to_q", "to_k", "to_v", "to_out.0"), ("ff.net.0.proj", "proj_in", "conv1")])
-def test_updates_made_in_batches_equal_each_layers_own(sd, inputs, targets):
+def test_updates_made_in_batches_equal_each_layers_own(sd, inputs):
     """``lora_variables`` with a dtype: each module's ``A B`` made by one batched matmul per shape
     of factors. The U-Net's outputs and the factors' gradients are those of layers that make
-    their own updates from A and B."""
-    spec = LoraSpec(rank=4, alpha=8.0, targets=targets)
+    their own updates from A and B (attention, feed-forward, 1x1 and 3x3 convolutions)."""
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in",
+                                                "conv1"))
     lora = _randomize_b(init_lora(sd.unet_params, spec, jax.random.PRNGKey(0)), seed=1)
     batched = lora_variables(lora, spec, jnp.float32)
     assert {p[-1] for p in _flatten(batched)} == {"lora_delta"}
@@ -127,7 +127,8 @@ def test_updates_made_in_batches_equal_each_layers_own(sd, inputs, targets):
 
 def test_the_objective_makes_the_updates_in_batches_on_a_gpu(sd, monkeypatch):
     """Stage 2's loss traced for a GPU (``attention.on_gpu``; float32, so cuDNN's attention is not
-    asked for) makes the LoRA updates in batches: fewer matmuls, the same loss."""
+    asked for) makes the LoRA updates in batches: fewer matmuls (that the batches compute the
+    same: the test above)."""
     from dpt_jax.models import attention
     config = tiny("tune")
     config.batch_size, config.adapter.dropout = 2, 0.0
@@ -146,11 +147,11 @@ def test_the_objective_makes_the_updates_in_batches_on_a_gpu(sd, monkeypatch):
         jaxpr = jax.make_jaxpr(loss)(params)
         dots = sum(1 for eqn in jaxpr.eqns for e in [eqn] + [sub for sub in _sub_eqns(eqn)]
                    if e.primitive.name == "dot_general")
-        out[gpu] = (dots, float(jax.jit(loss)(params)))
+        out[gpu] = dots
     modules = len(lora_module_names(params["lora"]))
-    print(f"dot_generals: {out[False][0]} per module, {out[True][0]} in batches ({modules} LoRA modules)")
-    assert out[True][0] < out[False][0]
-    np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-6)
+    print(f"dot_generals: {out[False]} per module, {out[True]} in batches ({modules} LoRA modules)")
+    # Each module's own A B matmul (80 -> 3 here, one per shape of factors): measured 323 -> 246.
+    assert out[False] - out[True] >= modules - 10
 
 
 def _sub_eqns(eqn):

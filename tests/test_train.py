@@ -64,7 +64,9 @@ def test_probe_loss_falls_and_itm_accuracy_rises_above_chance(tmp_path):
 
 @pytest.mark.parametrize("stage", ["probe", "tune"])
 def test_resume_matches_uninterrupted_run(tmp_path, stage, monkeypatch):
-    from dpt_jax import train as train_module
+    from dpt_jax import packing, train as train_module
+    if stage == "probe":  # the state packed as on an accelerator (a CPU's default packs nothing)
+        monkeypatch.setattr(packing, "default_max_size", lambda: packing.SMALL_LEAF)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     on_demand = _small(stage, steps=6)
     on_demand.data.prefetch = 0  # the other run builds batches ahead: that must change nothing
