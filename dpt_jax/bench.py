@@ -183,6 +183,12 @@ def flops_of(stage: Any) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+def looped_flops(compiled: Any, hlo_text: str, trips: int) -> float:
+    """:func:`flops_of` a compiled program whose loop runs ``trips`` times: XLA's cost analysis
+    counts a loop's body once, so it is scaled where a loop remains in the program."""
+    return flops_of(compiled) * (trips if trips > 1 and " while(" in hlo_text else 1)
+
+
 def _dot_flops(eqn: Any) -> float:
     (contracting, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
@@ -308,16 +314,16 @@ def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.
     print(json.dumps(dict(base, what="profile", measurement=measurement, **summary)), flush=True)
 
 
-def step_program(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dtype: str,
-                 seed: int) -> Tuple[Callable, Tuple[Any, Any, Any]]:
-    """The train step of ``stage`` as the trainer runs it and its arguments (packed state, frozen
-    U-Net, a random batch)."""
+def step_program(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dtype: str, seed: int,
+                 steps_per_call: int = 1) -> Tuple[Callable, Tuple[Any, Any, Any]]:
+    """The train call of ``stage`` as the trainer runs it (``steps_per_call`` steps of ``batch``)
+    and its arguments (packed state, frozen U-Net, random batches)."""
     config = stage_config(stage, shapes, batch, dtype)
     obj = build_objective(config, sd)
     optimizer = make_optimizer(config)
     state = init_state(config, sd, obj, optimizer)
-    data = train_batch(np.random.default_rng(seed + 1), batch, shapes, sd.unet.dtype)
-    step_fn = packed_step_function(obj, optimizer, learning_rate(config), 1)
+    data = train_batch(np.random.default_rng(seed + 1), batch * steps_per_call, shapes, sd.unet.dtype)
+    step_fn = packed_step_function(obj, optimizer, learning_rate(config), 1, steps_per_call)
     return step_fn, (PackLayout.of(state).pack(state), {"unet": sd.unet_params}, data)
 
 
@@ -337,8 +343,10 @@ def sample_program(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
 
 def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, args: argparse.Namespace,
                  base: Dict[str, Any]) -> Dict[str, Any]:
-    """One jitted train step of ``stage`` (state donated, as in the trainer), timed."""
-    step_fn, (state, frozen, data) = step_program(sd, shapes, stage, batch, args.dtype, args.seed)
+    """One jitted train step of ``stage`` (state donated, as in the trainer), timed: with
+    ``--steps-per-call`` k, a call of k steps timed and its times and flops divided by k."""
+    k = args.steps_per_call
+    step_fn, (state, frozen, data) = step_program(sd, shapes, stage, batch, args.dtype, args.seed, k)
     flops = model_flops(step_fn, (state, frozen, data))
     t0 = time.perf_counter()
     step, frozen = parallel.compile_with_frozen_layouts(step_fn, (state, frozen, data), frozen_argnum=1,
@@ -350,10 +358,12 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
         state, metrics = step(state, frozen, data)
         return state, metrics
     timing = time_runs(run, args.iters, args.warmup)
+    per_step = Timing(timing.median_s / k, timing.min_s / k, timing.steady_s / k, timing.recompiles)
     # Compiled ahead of time, as the trainer's step: one executable, which raises on arguments it
     # was not compiled for rather than recompiling (``recompiles`` counts any compile while timing).
-    line = report(base, f"{stage}_step", batch, "samples_per_s", timing, compile_s, flops,
-                  chip_peak(sd.unet.dtype), 1, xla_tflop=_tflop(flops_of(step)))
+    line = report(base, f"{stage}_step", batch, "samples_per_s", per_step, compile_s, flops / k,
+                  chip_peak(sd.unet.dtype), 1, steps_per_call=k,
+                  xla_tflop=_tflop(looped_flops(step, step.as_text() if k > 1 else "", k) / k))
     profile(run, step.as_text, args, line)
     return line
 
@@ -366,8 +376,7 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
     flops = model_flops(sample_fn, call_args, loop_steps=args.steps)
     compiled, compile_s = compile_program(sample, call_args)
     hlo_text = compiled.as_text()  # about a second at SD shapes: made once, read twice
-    # The compiled loop's body is counted once too: scale by the steps when the loop remains.
-    xla_flops = flops_of(compiled) * (args.steps if " while(" in hlo_text else 1)
+    xla_flops = looped_flops(compiled, hlo_text, args.steps)
     timing = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
     line = report(base, "sample", batch, "images_per_s", timing, compile_s, flops, chip_peak(sd.unet.dtype),
                   cache_size(sample), eta=eta, steps=args.steps, xla_tflop=_tflop(xla_flops))
@@ -439,6 +448,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampling steps (default 50; --tiny: 10)")
     parser.add_argument("--iters", type=int, help="timed runs per measurement (default 5; --tiny: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
+    parser.add_argument("--steps-per-call", type=int, default=1, help="train steps per compiled call "
+                        "(config.steps_per_call); times are per step")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and frozen dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")
@@ -453,6 +464,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.steps = args.steps or (10 if args.tiny else 50)
     args.iters = args.iters or (2 if args.tiny else 5)
     args.what = [w for w in args.what.split(",") if w]
+    if args.steps_per_call < 1:
+        parser.error(f"--steps-per-call {args.steps_per_call}: expected >= 1")
     unknown = sorted(set(args.what) - set(WHATS) - {"attention"})
     if unknown:
         parser.error(f"unknown --what {unknown}: expected a subset of {','.join(WHATS)},attention")

@@ -21,6 +21,9 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
 
     c.batch_size = 48                    # global, over all devices and hosts
     c.grad_accum = 1
+    c.steps_per_call = 1                 # optimizer steps per compiled call (a scan): the host enters and
+                                         # launches a call once for all of them; num_steps, log_every,
+                                         # eval_every and checkpoint_every must be multiples
     c.num_steps = 60_000
     c.log_every = 50
     c.eval_every = 0                     # 0: no periodic evaluation

@@ -60,10 +60,11 @@ class Preemption:
         logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
         self.requested = True
 
-    def reached(self, step: int) -> bool:
+    def reached(self, calls: int) -> bool:
+        """Whether to stop after ``calls`` train calls (on many hosts: every host stops at the same one)."""
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(calls)
         return self.requested
 
     def close(self) -> None:
@@ -231,18 +232,31 @@ def train_step(obj: Any, optimizer: optax.GradientTransformation, schedule: opta
     return new_state, metrics
 
 
+def train_steps(obj: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
+                steps: int, state: TrainState, frozen: Params, batch: Dict[str, jax.Array]
+                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+    """``steps`` calls of :func:`train_step` in one program (a scan), step j on rows j, j + steps, ...
+    of ``batch`` (as :meth:`Trainer.local_batch` lays them out: each device keeps its rows). Each
+    compiled call costs the host a fixed time to enter and launch it; a call of several steps pays it
+    once. Metrics are stacked: one row per step."""
+    def one(state: TrainState, batch_j: Dict[str, jax.Array]) -> Tuple[TrainState, Dict[str, jax.Array]]:
+        return train_step(obj, optimizer, schedule, grad_accum, state, frozen, batch_j)
+    return jax.lax.scan(one, state, _micro_batches(batch, steps))
+
+
 def packed_train_step(step_fn: Any, state: Packed, frozen: Params, batch: Dict[str, jax.Array]
                       ) -> Tuple[Packed, Dict[str, jax.Array]]:
-    """``step_fn`` (a :func:`train_step` with its leading arguments bound) on a packed state: the
+    """``step_fn`` (a :func:`train_steps` with its leading arguments bound) on a packed state: the
     state crosses the compiled call's boundary as a few flat arrays (:mod:`dpt_jax.packing`)."""
     new_state, metrics = step_fn(state.unpack(), frozen, batch)
     return state.layout.pack(new_state), metrics
 
 
 def packed_step_function(obj: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                         grad_accum: int) -> Any:
-    """The step the trainer compiles (and the bench times): :func:`train_step` on the packed state."""
-    return functools.partial(packed_train_step, functools.partial(train_step, obj, optimizer, schedule, grad_accum))
+                         grad_accum: int, steps_per_call: int = 1) -> Any:
+    """The call the trainer compiles (and the bench times): :func:`train_steps` on the packed state."""
+    return functools.partial(packed_train_step, functools.partial(
+        train_steps, obj, optimizer, schedule, grad_accum, steps_per_call))
 
 
 def eval_step(obj: Any, packed: Packed, frozen: Params, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
@@ -268,6 +282,7 @@ class Trainer:
         if config.batch_size % (config.grad_accum * parallel.num_batch_shards(self.mesh)):
             raise ValueError(f"batch_size={config.batch_size} must split into grad_accum={config.grad_accum} "
                              f"micro-batches over {parallel.num_batch_shards(self.mesh)} devices")
+        self.steps_per_call = check_steps_per_call(config)
         param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("frozen_dtype", "float32")]
         self.sd = load_pretrained(config.pretrained, dtype=compute_dtype(config), param_dtype=param_dtype)
         self.objective = build_objective(config, self.sd)
@@ -282,7 +297,8 @@ class Trainer:
                 size = latent_size(config, self.sd)
                 data.check_compatible((size, size, self.sd.unet.config.in_channels), self.sd.text_width)
         replicated = parallel.replicated(self.mesh)
-        self._step_fn = packed_step_function(self.objective, self.optimizer, self.schedule, config.grad_accum)
+        self._step_fn = packed_step_function(self.objective, self.optimizer, self.schedule, config.grad_accum,
+                                             self.steps_per_call)
         self._compiled_step: Optional[Any] = None
         self.eval_fn = parallel.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)
         self._unpack_fn = parallel.jit(Packed.unpack, out_shardings=replicated)
@@ -290,7 +306,8 @@ class Trainer:
                                         config.keep_checkpoints)
 
     def step(self, state: Packed, batch: Dict[str, jax.Array]) -> Tuple[Packed, Dict[str, jax.Array]]:
-        """One train step on the packed state (:meth:`pack`; donated). The first call compiles
+        """``steps_per_call`` train steps on the packed state (:meth:`pack`; donated) and the
+        batch of :meth:`local_batch`; metrics have a row per step. The first call compiles
         it, the frozen weights' layout left to XLA (``parallel.compile_with_frozen_layouts``), and
         lays ``self.frozen`` out so; the program then runs as compiled, no retracing."""
         if self._compiled_step is None:
@@ -320,10 +337,16 @@ class Trainer:
         if force or self.ckpt.should_save(step):
             self.ckpt.save(step, self.unpack(state))
 
-    def local_batch(self, step: int) -> Dict[str, np.ndarray]:
-        """This host's rows of the training batch of ``step``, on the host."""
-        return batches.batch_at(self.train_data, self.sd.tokenizer, step, self.config.batch_size,
-                                self.config.data.seed, jax.process_index(), jax.process_count())
+    def local_batch(self, call: int) -> Dict[str, np.ndarray]:
+        """This host's rows of the training batches of call ``call`` (steps ``call * k`` to
+        ``call * k + k - 1``, k = ``steps_per_call``), on the host, interleaved as
+        :func:`train_steps` reads them: row ``r * k + j`` is row ``r`` of the call's step ``j``."""
+        k = self.steps_per_call
+        steps = [batches.batch_at(self.train_data, self.sd.tokenizer, call * k + j, self.config.batch_size,
+                                  self.config.data.seed, jax.process_index(), jax.process_count())
+                 for j in range(k)]
+        return jax.tree_util.tree_map(lambda *rows: np.stack(rows, axis=1).reshape((-1,) + rows[0].shape[1:]),
+                                      *steps)
 
     def evaluate(self, state: Packed) -> Dict[str, float]:
         """Mean metrics over the val split's first ``eval_size`` samples at t = 500."""
@@ -344,17 +367,30 @@ class Trainer:
         return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
 
 
-def _summary(trainer: Trainer, rows: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
-    """The metrics logged at step ``done``: each one's mean over the steps since the last log
-    (one step's loss is too noisy to follow), the learning rate at step ``done``."""
-    if not all(r["finite"] > 0 for r in rows):
-        losses = [float(r["loss"]) for r in rows]
+def check_steps_per_call(config: ml_collections.ConfigDict) -> int:
+    """``config.steps_per_call``, checked: logs, evaluations and checkpoints happen between calls."""
+    k = config.steps_per_call
+    if k < 1:
+        raise ValueError(f"config.steps_per_call={k}: expected >= 1")
+    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+        if config[key] % k:
+            raise ValueError(f"config.{key}={config[key]} must be a multiple of steps_per_call={k}: logs, "
+                             "evaluations and checkpoints happen between calls")
+    return k
+
+
+def _summary(trainer: Trainer, calls: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
+    """The metrics logged at step ``done`` from the calls' since the last log (a row per step):
+    each one's mean over those steps (one step's loss is too noisy to follow), the learning rate
+    at step ``done``."""
+    steps = {k: np.concatenate([np.ravel(c[k]) for c in calls]) for k in calls[-1]}
+    if not np.all(steps["finite"] > 0):
         raise NonFiniteLossError(
-            f"non-finite loss or gradient before step {done} (loss={losses}); the update was "
+            f"non-finite loss or gradient before step {done} (loss={steps['loss'].tolist()}); the update was "
             f"skipped and the last good checkpoint in {trainer.ckpt.directory} is kept")
-    last = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k not in ("finite", "lr")}
-    last["lr"] = float(rows[-1]["lr"])
-    last["steps_per_s"] = len(rows) / seconds
+    last = {k: float(np.mean(v)) for k, v in steps.items() if k not in ("finite", "lr")}
+    last["lr"] = float(steps["lr"][-1])
+    last["steps_per_s"] = len(steps["loss"]) / seconds
     if hasattr(trainer.train_data, "bad_images"):  # image-file readers skip and count bad images
         last["bad_images"] = float(trainer.train_data.bad_images)
     return last
@@ -370,7 +406,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     state = trainer.initial_state()
-    start = int(state.step)
+    start, k = int(state.step), trainer.steps_per_call
+    if start % k:
+        raise ValueError(f"the checkpoint in {trainer.ckpt.directory} is of step {start}, not a multiple of "
+                         f"steps_per_call={k}: resume with the steps_per_call that wrote it")
     state = trainer.pack(state)
     writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     preemption = Preemption()
@@ -381,11 +420,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     # On any exit (a non-finite loss, an exception, Ctrl-C) a checkpoint being written is finished:
     # the last good step is on disk, as the error says.
     try:
-        with trainer.mesh, Prefetcher(trainer.local_batch, config.num_steps, config.data.prefetch) as local_batch:
-            for step in range(start, config.num_steps):
-                state, metrics = trainer.step(state, parallel.global_batch(local_batch(step), trainer.mesh))
+        calls = config.num_steps // k
+        with trainer.mesh, Prefetcher(trainer.local_batch, calls, config.data.prefetch) as local_batch:
+            for call in range(start // k, calls):
+                state, metrics = trainer.step(state, parallel.global_batch(local_batch(call), trainer.mesh))
                 pending.append(metrics)
-                done = step + 1
+                done = (call + 1) * k
                 if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):
                     last = _summary(trainer, jax.device_get(pending), done, time.perf_counter() - t0)
                     pending, t0 = [], time.perf_counter()
@@ -393,8 +433,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                         last.update(trainer.evaluate(state))
                     writer.write(done, last)
                     progress.set_postfix(loss=f"{last['loss']:.4f}")
-                progress.update(1)
-                if preemption.reached(done):
+                progress.update(k)
+                # The sync point is a count every host reaches: calls, not steps.
+                if preemption.reached(call + 1):
                     trainer.save(done, state, force=True)
                     logging.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
                                     done, trainer.ckpt.directory)

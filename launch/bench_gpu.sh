@@ -23,6 +23,7 @@
 #   BUDGET_S=300 bash launch/bench_gpu.sh attention:16 probe:8:compile
 #   ATTENTION=pallas_mgpu bash launch/bench_gpu.sh tune:4:eager  # dpt-jax with Pallas self-attention
 #   TRITON_GEMM=1 PROFILE=0 bash launch/bench_gpu.sh tune:4:none  # dpt-jax with XLA's Triton matmuls
+#   JAX_ARGS="--steps-per-call 4" bash launch/bench_gpu.sh tune:4:none  # 4 train steps per compiled call
 #   XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP bash launch/bench_gpu.sh tune:4:none
 #                                  # an XLA variant: dpt-jax's lines record the caller's flags (xla_flags)
 #
@@ -39,6 +40,7 @@ TORCH_S=${TORCH_S:-300}
 ATTENTION=${ATTENTION:-auto} # dpt-jax's --attention-implementation (pallas_mgpu: Pallas self-attention)
 TRITON_GEMM=${TRITON_GEMM:-0} # 1: dpt-jax's --triton-gemm (XLA's Triton matmuls, off by default)
 EXTRA_ARGS=${EXTRA_ARGS:-}   # given to both, e.g. --tiny (a smoke test of this script on a CPU)
+JAX_ARGS=${JAX_ARGS:-}       # given to dpt-jax's train and sampling measurements only
 PROFILE=${PROFILE:-1}        # 0: no profile of the dpt-jax measurements
 OUT=${OUT:-/tmp/bench_out}
 SITE=${SITE:-/tmp/site}       # where the carried wheels are unpacked
@@ -81,6 +83,7 @@ measure() {
 left() { echo $((BUDGET_S - (SECONDS - start) - 5)); }
 
 read -r -a extra <<< "$EXTRA_ARGS"
+read -r -a jax_args <<< "$JAX_ARGS"
 profile=()
 [ "$PROFILE" = 1 ] && profile=(--profile "$OUT/profile")
 triton=()
@@ -100,7 +103,7 @@ for item in $PLAN; do
             --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
     fi
     measure "$(left)" python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
-        --attention-implementation "$ATTENTION" ${triton[@]+"${triton[@]}"} \
+        --attention-implementation "$ATTENTION" ${triton[@]+"${triton[@]}"} ${jax_args[@]+"${jax_args[@]}"} \
         ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
 done
 # The device tool brings back at most 8 files of 16 MiB: one archive in parts, not a file per trace.

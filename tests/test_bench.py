@@ -147,3 +147,18 @@ def test_model_flops_count_lora_factored():
     assert traced_flops() == merged  # what runs
     assert model_flops(grad, args) == factored  # not handed the cached merged trace of ``grad``
     assert traced_flops() == merged  # nor did it leave its factored trace behind
+
+
+def test_steps_per_call_reports_per_step_figures():
+    # Two steps per compiled call: the line's times, flops and samples are per step. XLA's cost
+    # analysis counts the loop's body (one step) once; the jaxpr count divides the call's by 2.
+    import jax.numpy as jnp
+    from dpt_jax import bench
+    (line,) = bench.main(["--tiny", "--what", "probe", "--batch", "2", "--iters", "1", "--steps-per-call", "2"])
+    shapes = bench.bench_shapes(True)
+    fn, args = bench.step_program(bench.bench_sd(shapes, jnp.bfloat16), shapes, "probe", 2, "bfloat16", 0)
+    assert line["steps_per_call"] == 2 and line["recompiles"] == 0
+    assert line["tflop"] == bench._tflop(bench.model_flops(fn, args))  # one step's, traced alone
+    # One step's XLA count is 1.11x its model flops (elementwise ops count there): not 0.55x nor 2.2x.
+    assert 0.9 * line["tflop"] <= line["xla_tflop"] <= 1.3 * line["tflop"], line
+    assert abs(line["samples_per_s"] * line["median_s"] - 2) < 1e-3 * 2  # batch 2 per step

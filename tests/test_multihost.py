@@ -169,7 +169,7 @@ for fsdp in (1, 4):
     with trainer.mesh:
         for step in range(2):
             state, metrics = trainer.step(state, parallel.global_batch(trainer.local_batch(step), trainer.mesh))
-            losses.append(float(metrics["loss"]))
+            losses.append(float(metrics["loss"][0]))  # a row per step of the call
     out[fsdp] = dict(losses=losses, mesh=dict(trainer.mesh.shape), per_device=per_device,
                      total=sum(x.nbytes for x in leaves),
                      params=[np.asarray(p) for p in
