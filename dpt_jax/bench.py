@@ -23,13 +23,16 @@ bf16 peak (null where unknown, e.g. on a CPU), steady_s and steady_mfu (the runs
 to back and waited for once, as the trainer runs its steps: the host's dispatch then overlaps
 the device's work), recompiles (XLA compiles during the timed runs: 0) and cache_size
 (executables of the jitted function: 1; a train step is compiled ahead of time, as the trainer's,
-the frozen weights' layout left to XLA: one executable by construction).
+the frozen weights' layout left to XLA: one executable by construction); a train measurement's
+steps_per_call (``--steps-per-call K``: K steps in one compiled call, as ``config.steps_per_call``;
+its times, flops and samples per second are per step).
 With ``--profile DIR`` each measurement is followed by a "profile" line (``dpt_jax.profiling``:
 where the device time of one more run goes) and its trace and HLO in DIR.
 
     python -m dpt_jax.bench --what tune,probe,sample            # SD-2.1-base shapes (accelerator)
     python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, ~1 min
     python -m dpt_jax.bench --what tune --batch 4 --profile /tmp/profile
+    python -m dpt_jax.bench --what tune --batch 4 --steps-per-call 4  # 4 steps per compiled call
     python -m dpt_jax.bench --what attention --batch 16                # the kernel alone
     python -m dpt_jax.bench --what tune,sample --attention-implementation pallas_mgpu
     python -m dpt_jax.bench --what tune,sample --triton-gemm         # XLA's Triton matmuls on a GPU
@@ -304,7 +307,8 @@ def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.
     failure here (e.g. no CUPTI) is a warning: the measurement's own line is already out."""
     if not args.profile:
         return
-    measurement = "_".join([line["what"], f"b{line['batch']}"] + ([f"eta{line['eta']}"] if "eta" in line else []))
+    measurement = "_".join([line["what"], f"b{line['batch']}"] + ([f"eta{line['eta']}"] if "eta" in line else [])
+                           + ([f"k{line['steps_per_call']}"] if line.get("steps_per_call", 1) > 1 else []))
     try:
         summary = profiling.profile_program(run, hlo_text(), args.profile, measurement)
     except Exception as error:  # noqa: BLE001 - the profile is optional, the timing is not

@@ -5,9 +5,10 @@
 
 Data parallel over a (data, fsdp) mesh: the batch is sharded, trainable parameters replicated,
 the step is one ``jax.jit`` taking the train state packed into a few flat arrays
-(:mod:`dpt_jax.packing`). Checkpoints (orbax) under ``WORKDIR/checkpoints/<step>/`` hold the
-step, parameters, optimizer state and RNG, unpacked; the data order is a function of the step, so the
-same command on the same workdir resumes exactly.
+(:mod:`dpt_jax.packing`); a call runs ``config.steps_per_call`` optimizer steps (a scan).
+Checkpoints (orbax) under ``WORKDIR/checkpoints/<step>/`` hold the step, parameters, optimizer
+state and RNG, unpacked; the data order is a function of the step, so the same command on the
+same workdir resumes exactly.
 """
 from __future__ import annotations
 
@@ -232,31 +233,31 @@ def train_step(obj: Any, optimizer: optax.GradientTransformation, schedule: opta
     return new_state, metrics
 
 
-def train_steps(obj: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
-                steps: int, state: TrainState, frozen: Params, batch: Dict[str, jax.Array]
-                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-    """``steps`` calls of :func:`train_step` in one program (a scan), step j on rows j, j + steps, ...
-    of ``batch`` (as :meth:`Trainer.local_batch` lays them out: each device keeps its rows). Each
-    compiled call costs the host a fixed time to enter and launch it; a call of several steps pays it
-    once. Metrics are stacked: one row per step."""
-    def one(state: TrainState, batch_j: Dict[str, jax.Array]) -> Tuple[TrainState, Dict[str, jax.Array]]:
-        return train_step(obj, optimizer, schedule, grad_accum, state, frozen, batch_j)
-    return jax.lax.scan(one, state, _micro_batches(batch, steps))
-
-
 def packed_train_step(step_fn: Any, state: Packed, frozen: Params, batch: Dict[str, jax.Array]
                       ) -> Tuple[Packed, Dict[str, jax.Array]]:
-    """``step_fn`` (a :func:`train_steps` with its leading arguments bound) on a packed state: the
+    """``step_fn`` (a :func:`train_step` with its leading arguments bound) on a packed state: the
     state crosses the compiled call's boundary as a few flat arrays (:mod:`dpt_jax.packing`)."""
     new_state, metrics = step_fn(state.unpack(), frozen, batch)
     return state.layout.pack(new_state), metrics
 
 
+def train_steps(step_fn: Any, steps: int, state: Any, frozen: Params, batch: Dict[str, jax.Array]
+                ) -> Tuple[Any, Dict[str, jax.Array]]:
+    """``steps`` calls of ``step_fn`` (a :func:`packed_train_step` with its leading arguments bound)
+    in one program (a scan), step j on rows j, j + steps, ... of ``batch`` (as
+    :meth:`Trainer.local_batch` lays them out: each device keeps its rows). Each compiled call costs
+    the host a fixed time to enter and launch; a call of several steps pays it once. The loop
+    carries the state packed, as the call takes it: unpacked, its hundreds of small arrays would be
+    sliced out before the loop and concatenated after it, a kernel each. Metrics have a row per step."""
+    return jax.lax.scan(lambda carry, batch_j: step_fn(carry, frozen, batch_j), state, _micro_batches(batch, steps))
+
+
 def packed_step_function(obj: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                          grad_accum: int, steps_per_call: int = 1) -> Any:
-    """The call the trainer compiles (and the bench times): :func:`train_steps` on the packed state."""
-    return functools.partial(packed_train_step, functools.partial(
-        train_steps, obj, optimizer, schedule, grad_accum, steps_per_call))
+    """The call the trainer compiles (and the bench times): ``steps_per_call`` steps of
+    :func:`train_step` on the packed state."""
+    step = functools.partial(packed_train_step, functools.partial(train_step, obj, optimizer, schedule, grad_accum))
+    return functools.partial(train_steps, step, steps_per_call)
 
 
 def eval_step(obj: Any, packed: Packed, frozen: Params, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:

@@ -67,21 +67,24 @@ def pretend_cudnn() -> None:
 
 
 def program(sd: bench.StableDiffusion, shapes: bench.Shapes, item: str):
-    """(name, function, donated argnums, arguments, loop trips) of ``what:batch[:eta]``."""
+    """(name, function, donated argnums, arguments, loop trips) of ``what:batch[:eta]``, or of
+    ``tune|probe:batch[:K]``, K train steps per call."""
     what, batch, *eta = item.split(":")
     if what in ("tune", "probe"):
-        fn, args = bench.step_program(sd, shapes, what, int(batch), "bfloat16", seed=0)
-        return f"{what}_step_b{batch}", fn, (0,), args, 1
+        k = int(eta[0]) if eta else 1
+        fn, args = bench.step_program(sd, shapes, what, int(batch), "bfloat16", seed=0, steps_per_call=k)
+        return f"{what}_step_b{batch}" + (f"_k{k}" if k > 1 else ""), fn, (0,), args, k
     if what == "sample":
         eta_sc = float(eta[0]) if eta else 0.0
         fn, args = bench.sample_program(sd, shapes, eta_sc, int(batch), "bfloat16", seed=0, steps=SAMPLING_STEPS)
         return f"sample_b{batch}_eta{eta_sc}", fn, (), args, SAMPLING_STEPS
-    raise SystemExit(f"unknown item {item!r}: expected tune:B, probe:B or sample:B[:ETA]")
+    raise SystemExit(f"unknown item {item!r}: expected tune:B[:K], probe:B[:K] or sample:B[:ETA]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", default="tune:4,sample:8:0.0", help="items what:batch[:eta], comma-separated")
+    parser.add_argument("--what", default="tune:4,sample:8:0.0", help="items what:batch[:eta] (sample) or "
+                        "what:batch[:K] (tune, probe: K steps per call), comma-separated")
     parser.add_argument("--target", default="h100", help="launch/gpu_targets/NAME.txtpb or a path")
     parser.add_argument("--out", help="write each program's optimised HLO here (NAME.hlo.txt.gz)")
     parser.add_argument("--triton-gemm", action="store_true", help="as dpt-jax bench --triton-gemm")

@@ -106,7 +106,7 @@ def _cli_train(workdir, *flags, devices=1, config="probe_tiny.py", hlo_dump=None
            "--workdir", workdir, *flags]
     env = cpu_process_env(devices)
     if hlo_dump:
-        env = with_hlo_dump(env, hlo_dump, "packed_train_step")
+        env = with_hlo_dump(env, hlo_dump, "train_steps")
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -124,7 +124,7 @@ def test_eight_devices_match_one_device(tmp_path, config):
         runs[devices] = workdir
     # Data parallelism: a sample's candidate rows stay on the sample's device, so the step's only
     # collectives are all-reduces (gradients, metrics), none that moves rows between devices.
-    assert row_moves(hlo, "packed_train_step") == []
+    assert row_moves(hlo, "train_steps") == []
     diff = _max_diff(_params(runs[1]), _params(runs[8]))
     print(f"{config}: max |params(8 devices) - params(1 device)| = {diff:.2e}")
     # The first step agrees to float32 rounding: the same samples and math, the gradients' mean
