@@ -58,7 +58,7 @@ class Preemption:
         self._previous = signal.signal(signal.SIGTERM, self._handle) if own else None
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this call's steps")
         self.requested = True
 
     def reached(self, calls: int) -> bool:
@@ -268,6 +268,18 @@ def eval_step(obj: Any, packed: Packed, frozen: Params, batch: Dict[str, jax.Arr
     return obj.losses(state.params, frozen, batch, eval_rng, None, timestep)[1]
 
 
+def check_steps_per_call(config: ml_collections.ConfigDict) -> int:
+    """``config.steps_per_call``, checked: logs, evaluations and checkpoints happen between calls."""
+    k = config.steps_per_call
+    if k < 1:
+        raise ValueError(f"config.steps_per_call={k}: expected >= 1")
+    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+        if config[key] % k:
+            raise ValueError(f"config.{key}={config[key]} must be a multiple of steps_per_call={k}: logs, "
+                             "evaluations and checkpoints happen between calls")
+    return k
+
+
 def make_dataset(config: ml_collections.ConfigDict, split: str) -> Any:
     """The run's ``split`` data set (``config.data``; sources in dpt_jax/data/sources.py)."""
     return sources.make_dataset(config.data, split)
@@ -368,20 +380,8 @@ class Trainer:
         return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
 
 
-def check_steps_per_call(config: ml_collections.ConfigDict) -> int:
-    """``config.steps_per_call``, checked: logs, evaluations and checkpoints happen between calls."""
-    k = config.steps_per_call
-    if k < 1:
-        raise ValueError(f"config.steps_per_call={k}: expected >= 1")
-    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
-        if config[key] % k:
-            raise ValueError(f"config.{key}={config[key]} must be a multiple of steps_per_call={k}: logs, "
-                             "evaluations and checkpoints happen between calls")
-    return k
-
-
 def _summary(trainer: Trainer, calls: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
-    """The metrics logged at step ``done`` from the calls' since the last log (a row per step):
+    """The metrics logged at step ``done``, from the calls since the last log (a row per step):
     each one's mean over those steps (one step's loss is too noisy to follow), the learning rate
     at step ``done``."""
     steps = {k: np.concatenate([np.ravel(c[k]) for c in calls]) for k in calls[-1]}
