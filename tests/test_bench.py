@@ -1,8 +1,11 @@
 """``dpt-jax bench --tiny``: every measurement runs, reports the anchor's keys, compiles once."""
 import json
 import math
+import os
 import subprocess
 import sys
+
+import pytest
 
 from dpt_jax.testing import cpu_process_env
 
@@ -105,11 +108,20 @@ def test_report_mfu_from_both_timings(capsys):
     assert json.loads(capsys.readouterr().out) == line
 
 
-def test_bench_attention_lines():
+@pytest.fixture
+def bench_in_process(monkeypatch):
+    """``bench.main`` in this process: ``--tiny`` adds its XLA flags to the environment (for a backend
+    not yet started), where they must not stay for the child processes of this worker's later tests."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    from dpt_jax import bench
+    return bench.main
+
+
+def test_bench_attention_lines(bench_in_process):
     # On this CPU only XLA's attention runs (timed at every shape, within bf16 rounding of float32);
     # cuDNN's and Pallas' variants say why they do not.
     from dpt_jax import bench
-    lines = bench.main(["--tiny", "--what", "attention", "--batch", "2", "--iters", "1"])
+    lines = bench_in_process(["--tiny", "--what", "attention", "--batch", "2", "--iters", "1"])
     kinds = [kind for kind, _, _ in bench.unet_attention_shapes(bench.bench_shapes(True), 2)]
     assert kinds == ["self_16", "cross_16"]  # the tiny U-Net: one cross-attention level, 4x4 latents
     assert [(x["kind"], x["implementation"]) for x in lines] == [
@@ -149,12 +161,12 @@ def test_model_flops_count_lora_factored():
     assert traced_flops() == merged  # nor did it leave its factored trace behind
 
 
-def test_steps_per_call_reports_per_step_figures():
+def test_steps_per_call_reports_per_step_figures(bench_in_process):
     # Two steps per compiled call: the line's times, flops and samples are per step. XLA's cost
     # analysis counts the loop's body (one step) once; the jaxpr count divides the call's by 2.
     import jax.numpy as jnp
     from dpt_jax import bench
-    (line,) = bench.main(["--tiny", "--what", "probe", "--batch", "2", "--iters", "1", "--steps-per-call", "2"])
+    (line,) = bench_in_process(["--tiny", "--what", "probe", "--batch", "2", "--iters", "1", "--steps-per-call", "2"])
     shapes = bench.bench_shapes(True)
     fn, args = bench.step_program(bench.bench_sd(shapes, jnp.bfloat16), shapes, "probe", 2, "bfloat16", 0)
     assert line["steps_per_call"] == 2 and line["recompiles"] == 0
