@@ -69,13 +69,13 @@ def pretend_cudnn() -> None:
 def program(sd: bench.StableDiffusion, shapes: bench.Shapes, item: str):
     """(name, function, donated argnums, arguments, loop trips) of ``what:batch[:eta]``, or of
     ``tune|probe:batch[:K]``, K train steps per call."""
-    what, batch, *eta = item.split(":")
+    what, batch, *option = item.split(":")
     if what in ("tune", "probe"):
-        k = int(eta[0]) if eta else 1
+        k = int(option[0]) if option else 1
         fn, args = bench.step_program(sd, shapes, what, int(batch), "bfloat16", seed=0, steps_per_call=k)
         return f"{what}_step_b{batch}" + (f"_k{k}" if k > 1 else ""), fn, (0,), args, k
     if what == "sample":
-        eta_sc = float(eta[0]) if eta else 0.0
+        eta_sc = float(option[0]) if option else 0.0
         fn, args = bench.sample_program(sd, shapes, eta_sc, int(batch), "bfloat16", seed=0, steps=SAMPLING_STEPS)
         return f"sample_b{batch}_eta{eta_sc}", fn, (), args, SAMPLING_STEPS
     raise SystemExit(f"unknown item {item!r}: expected tune:B[:K], probe:B[:K] or sample:B[:ETA]")
