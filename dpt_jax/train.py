@@ -358,6 +358,8 @@ class Trainer:
         steps = [batches.batch_at(self.train_data, self.sd.tokenizer, call * k + j, self.config.batch_size,
                                   self.config.data.seed, jax.process_index(), jax.process_count())
                  for j in range(k)]
+        if k == 1:  # already in order: no copy of every image of the batch
+            return steps[0]
         return jax.tree_util.tree_map(lambda *rows: np.stack(rows, axis=1).reshape((-1,) + rows[0].shape[1:]),
                                       *steps)
 
