@@ -154,9 +154,10 @@ from dpt_jax.default_config import tiny
 from dpt_jax.train import Trainer
 
 out = {}
-for fsdp in (1, 4):
+for fsdp, k in ((1, 1), (4, 2)):  # the fsdp run takes its two steps in one call (a scan) as well
     c = tiny("probe")
     c.fsdp, c.adapter.dropout, c.num_steps, c.optim.lr = fsdp, 0.0, 2, 1e-4
+    c.steps_per_call, c.log_every, c.eval_every, c.checkpoint_every = k, 2, 0, 2
     trainer = Trainer(c, f"{sys.argv[1]}/fsdp{fsdp}")
     # The tiny model's weights all lie under parallel's 2**18-element threshold: shard every weight of
     # 4096 elements or more, so that the fsdp layout really is exercised.
@@ -167,9 +168,9 @@ for fsdp in (1, 4):
     state = trainer.pack(trainer.initial_state())
     losses = []
     with trainer.mesh:
-        for step in range(2):
-            state, metrics = trainer.step(state, parallel.global_batch(trainer.local_batch(step), trainer.mesh))
-            losses.append(float(metrics["loss"][0]))  # a row per step of the call
+        for call in range(2 // k):
+            state, metrics = trainer.step(state, parallel.global_batch(trainer.local_batch(call), trainer.mesh))
+            losses.extend(np.ravel(jax.device_get(metrics["loss"])).tolist())  # a row per step of the call
     out[fsdp] = dict(losses=losses, mesh=dict(trainer.mesh.shape), per_device=per_device,
                      total=sum(x.nbytes for x in leaves),
                      params=[np.asarray(p) for p in
@@ -189,7 +190,9 @@ def test_fsdp_layout_gives_the_replicated_loss(tmp_path):
     assert r["per_device"]["1"] == r["total"]
     # The large weights are split four ways (small ones stay replicated): well under half per device.
     assert r["per_device"]["4"] < 0.5 * r["total"]
-    # Same batch, same math, another partitioning: float32 reduction order only.
+    # Same batches, same math, another partitioning, and the fsdp run's two steps in one call (each
+    # device keeps its rows of both steps): float32 reduction order only.
+    assert len(r["losses"]["4"]) == len(r["losses"]["1"]) == 2
     np.testing.assert_allclose(r["losses"]["4"], r["losses"]["1"], rtol=1e-5)
     # Adam scales every gradient component to ~1, so float32 noise in near-zero components moves
     # parameters by a small fraction of lr (1e-4): measured 5e-7 after two steps.
