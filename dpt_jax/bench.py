@@ -302,7 +302,7 @@ def report(base: Dict[str, Any], what: str, batch: int, unit: str, timing: Timin
 
 def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.Namespace,
             line: Dict[str, Any]) -> None:
-    """With ``--profile DIR``: where the device time of one more run goes (a JSON line with
+    """With ``--profile DIR``: where the device time of ``--profile-runs`` more runs goes (a JSON line with
     ``what`` "profile"), its trace and HLO (``hlo_text()``, asked for only here) under DIR. A
     failure here (e.g. no CUPTI) is a warning: the measurement's own line is already out."""
     if not args.profile:
@@ -310,12 +310,13 @@ def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.
     measurement = "_".join([line["what"], f"b{line['batch']}"] + ([f"eta{line['eta']}"] if "eta" in line else [])
                            + ([f"k{line['steps_per_call']}"] if line.get("steps_per_call", 1) > 1 else []))
     try:
-        summary = profiling.profile_program(run, hlo_text(), args.profile, measurement)
+        summary = profiling.profile_program(run, hlo_text(), args.profile, measurement, args.profile_runs)
     except Exception as error:  # noqa: BLE001 - the profile is optional, the timing is not
         print(f"warning: no profile of {measurement}: {type(error).__name__}: {error}", file=sys.stderr)
         return
     base = {k: line[k] for k in ("impl", "device", "shapes", "dtype", "jax", "batch")}
-    print(json.dumps(dict(base, what="profile", measurement=measurement, **summary)), flush=True)
+    print(json.dumps(dict(base, what="profile", measurement=measurement, runs=args.profile_runs, **summary)),
+          flush=True)
 
 
 def step_program(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dtype: str, seed: int,
@@ -463,13 +464,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "(off in dpt_jax.parallel.XLA_OPTIONS: cuBLAS then takes each matmul's residual add)")
     parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
                         "device time goes (a 'profile' JSON line), the trace and HLO written to DIR")
+    parser.add_argument("--profile-runs", type=int, default=1, help="runs the profile traces, each waited for "
+                        "(its figures are per run): 2 shows whether the host's work recurs at every call")
     args = parser.parse_args(argv)
     # --tiny checks that everything runs: fewer steps and runs (each tiny step is slow at -O0).
     args.steps = args.steps or (10 if args.tiny else 50)
     args.iters = args.iters or (2 if args.tiny else 5)
     args.what = [w for w in args.what.split(",") if w]
-    if args.steps_per_call < 1:
-        parser.error(f"--steps-per-call {args.steps_per_call}: expected >= 1")
+    for flag in ("steps_per_call", "profile_runs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
     unknown = sorted(set(args.what) - set(WHATS) - {"attention"})
     if unknown:
         parser.error(f"unknown --what {unknown}: expected a subset of {','.join(WHATS)},attention")

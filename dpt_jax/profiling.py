@@ -375,6 +375,8 @@ def host_calls(profile: Any, runs: int = 1, top: int = 8) -> Dict[str, Any]:
       inside them: where the call's time went (an H200 tune step: re-recording CUDA graphs,
       launching them, initialising thunks). Numbered names are one kind
       ('command_buffer_N', 'cuGraphLaunch (CudaGraph:N)');
+    - ``host_count``: how many events of each of those kinds a run held (107 'command_buffer::update'
+      a run: every CUDA graph of the program re-recorded at every call; 0: launched as recorded);
     - ``first_op_ms``: from a call's start to the first op the device ran after it: the latency a
       waited-for step pays before the device starts, which runs dispatched back to back hide
       (the H100 tune step's was 7.9 ms of 86.8)."""
@@ -384,6 +386,7 @@ def host_calls(profile: Any, runs: int = 1, top: int = 8) -> Dict[str, Any]:
         return {}
     totals: Dict[str, float] = collections.Counter()
     own: Dict[str, float] = collections.Counter()
+    count: Dict[str, int] = collections.Counter()
     ends: Dict[str, float] = {}
     open_events: List[Tuple[float, str]] = []  # (end, kind) of the events the current one is inside
     calls = []
@@ -399,6 +402,7 @@ def host_calls(profile: Any, runs: int = 1, top: int = 8) -> Dict[str, Any]:
         if event.start_ns < ends.get(event.name, -math.inf):
             continue  # inside an event of its own name (a call within the call): counted there
         ends[event.name] = end
+        count[kind] += 1
         totals[event.name] += event.duration_ns
         if event.name.startswith("PjitFunction("):
             calls.append(event.start_ns)
@@ -407,8 +411,9 @@ def host_calls(profile: Any, runs: int = 1, top: int = 8) -> Dict[str, Any]:
 
     def ms(counts: Dict[str, float]) -> Dict[str, float]:
         return {name: round(ns / runs / 1e6, 3) for name, ns in counts.most_common(top)}
+    self_ms = ms(own)
     return dict(first_op_ms=round(sum(delays) / len(delays) / 1e6, 3) if delays else None,
-                host_ms=ms(totals), host_self_ms=ms(own))
+                host_ms=ms(totals), host_self_ms=self_ms, host_count={kind: count[kind] / runs for kind in self_ms})
 
 
 def summarize(events: Iterable[Tuple[str, str, float]], ops: Dict[str, HloOp], runs: int = 1, top: int = 25,

@@ -26,6 +26,8 @@
 #   JAX_ARGS="--steps-per-call 4" bash launch/bench_gpu.sh tune:4:none  # 4 train steps per compiled call
 #   XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP bash launch/bench_gpu.sh tune:4:none
 #                                  # an XLA variant: dpt-jax's lines record the caller's flags (xla_flags)
+#   AUTOTUNE_CACHE=/tmp/autotune JAX_ARGS="--profile-runs 2" bash launch/bench_gpu.sh tune:4:none
+#                                  # variants after the first skip its autotuning; 2 calls traced
 #
 # The whole script stays within BUDGET_S seconds (default 540): each anchor command gets at most
 # TORCH_S (default 300), each dpt-jax command what is left. Seen on an H100 (2026-11-26): the
@@ -42,6 +44,10 @@ TRITON_GEMM=${TRITON_GEMM:-0} # 1: dpt-jax's --triton-gemm (XLA's Triton matmuls
 EXTRA_ARGS=${EXTRA_ARGS:-}   # given to both, e.g. --tiny (a smoke test of this script on a CPU)
 JAX_ARGS=${JAX_ARGS:-}       # given to dpt-jax's train and sampling measurements only
 PROFILE=${PROFILE:-1}        # 0: no profile of the dpt-jax measurements
+# A directory: dpt-jax's compiles share XLA's autotuning results through it, so that a later
+# variant of the same step skips timing the kernels an earlier one chose (its compile_s is then
+# shorter than a cold compile's; the kernels are the same choices).
+AUTOTUNE_CACHE=${AUTOTUNE_CACHE:-}
 OUT=${OUT:-/tmp/bench_out}
 SITE=${SITE:-/tmp/site}       # where the carried wheels are unpacked
 start=$SECONDS
@@ -88,6 +94,8 @@ profile=()
 [ "$PROFILE" = 1 ] && profile=(--profile "$OUT/profile")
 triton=()
 [ "$TRITON_GEMM" = 1 ] && triton=(--triton-gemm)
+jax_env=()
+[ -n "$AUTOTUNE_CACHE" ] && jax_env=(env "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_CACHE")
 status=0
 for item in $PLAN; do
     IFS=: read -r what batch anchor <<< "$item"
@@ -102,7 +110,7 @@ for item in $PLAN; do
         measure "$limit" python3 .bench/torch_dpt_reference.py --what "$what" --batch "$batch" --iters "$ITERS" \
             --warmup 1 ${compile[@]+"${compile[@]}"} ${extra[@]+"${extra[@]}"} || status=1
     fi
-    measure "$(left)" python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
+    measure "$(left)" ${jax_env[@]+"${jax_env[@]}"} python3 -m dpt_jax.bench --what "$what" --batch "$batch" --iters "$ITERS" \
         --attention-implementation "$ATTENTION" ${triton[@]+"${triton[@]}"} ${jax_args[@]+"${jax_args[@]}"} \
         ${extra[@]+"${extra[@]}"} ${profile[@]+"${profile[@]}"} || status=1
 done

@@ -21,7 +21,7 @@ def test_bench_tiny_lines(tmp_path):
     # lines say which XLA flags they were measured with.
     env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), "--xla_dump_hlo_as_text=false"]))
     run = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "bench", "--tiny", "--batch", "2",
-                          "--profile", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+                          "--profile", str(tmp_path), "--profile-runs", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     every_line = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     lines = [x for x in every_line if x["what"] != "profile"]
@@ -56,13 +56,15 @@ def check_profiles(profiles, directory):
         assert abs(sum(x["by_category_ms"].values()) - x["device_ms"]) <= 0.01 * x["device_ms"]
         assert x["by_category_ms"]["conv"] > 0  # the U-Net's convolutions
         # The files reproduce the line (the same events and HLO, read back from disk); every scope.
+        assert x["runs"] == 2, x  # figures per run of the two traced
         again = profiling.main([str(directory / f"{x['measurement']}.xplane.pb.gz"),
-                                str(directory / f"{x['measurement']}.hlo.txt.gz"), "--top", "100000"])
+                                str(directory / f"{x['measurement']}.hlo.txt.gz"), "--top", "100000", "--runs", "2"])
         assert again["device_ms"] == x["device_ms"] and again["kernels"] == x["kernels"]
         # The calling thread's dispatch: the step's call, and the device's first op within the run.
         assert again["host_ms"] == x["host_ms"], x
         call = [ms for name, ms in x["host_ms"].items() if name.startswith("PjitFunction(")]
         assert len(call) == 1 and 0 < call[0] <= x["wall_ms"], x
+        assert [n for name, n in x["host_count"].items() if name.startswith("PjitFunction(")] == [1.0], x
         assert 0 <= x["first_op_ms"] <= x["wall_ms"], x
         unet_backward[x["measurement"]] = any(s.startswith("bwd UNet2DConditionModel/") for s in again["by_scope_ms"])
     assert unet_backward == {"tune_step_b2": True, "probe_step_b2": False, "sample_b2_eta0.0": False,

@@ -327,4 +327,7 @@ def test_host_self_time_takes_nested_events_out_of_their_parents():
     assert calls["host_self_ms"] == {"Execute": 40.0, "PjitFunction(step)": 20.0, "command_buffer_N": 16.0,
                                      "command_buffer::update": 14.0, "ParseArguments": 10.0}
     assert calls["host_ms"]["PjitFunction(step)"] == 100.0 and calls["host_ms"]["command_buffer::update"] == 14.0
+    assert calls["host_count"] == {"Execute": 1, "PjitFunction(step)": 1, "command_buffer_N": 2,
+                                   "command_buffer::update": 2, "ParseArguments": 1}
+    assert profiling.host_calls(profile, runs=2)["host_count"]["command_buffer::update"] == 1  # per run
     assert calls["first_op_ms"] == 25.0
