@@ -106,7 +106,9 @@ def _category(opcode: str, line: str, called: Sequence["_Instruction"]) -> str:
 
 
 # Ops through which a fused parameter may pass on its way to a slice and still be read only there.
-_SLICE_PASSTHROUGH = {"bitcast", "convert", "reshape"}
+# A slice of a concatenation reads at most the slice's size of each part (GroupNorm's shift, of
+# the concatenated input of an up block's ResNet, fused with the concatenation).
+_SLICE_PASSTHROUGH = {"bitcast", "convert", "reshape", "concatenate"}
 _SLICES = {"slice", "dynamic-slice"}
 
 
@@ -142,7 +144,8 @@ def _parameter_index(instruction: _Instruction) -> int:
 
 def _sliced_reads(fused: List[_Instruction]) -> Dict[int, int]:
     """Bytes read of each parameter of a fused computation that is read only through slices
-    (possibly after bitcasts, converts, reshapes): the slices' sizes, not the parameter's."""
+    (possibly after bitcasts, converts, reshapes, concatenations): the slices' sizes, not the
+    parameter's."""
     users: Dict[str, List[_Instruction]] = collections.defaultdict(list)
     for instruction in fused:
         for operand in instruction.operands:

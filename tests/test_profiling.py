@@ -263,6 +263,41 @@ ENTRY %main (x: f32[8,64], s: f32[64]) -> (f32[2,64], f32[2,64]) {
 """
 
 
+# GroupNorm's shift (the first position) of an up block's concatenated input, fused with the
+# concatenation: each part is read through the slice only.
+CONCAT_SLICE_HLO = """HloModule jit_denoise, is_scheduled=true
+
+%fused_slice (p0: bf16[16,4096,320], p1: bf16[16,4096,320]) -> f32[16,1,640] {
+  %p0 = bf16[16,4096,320]{2,1,0} parameter(0)
+  %p1 = bf16[16,4096,320]{2,1,0} parameter(1)
+  %concatenate.1 = bf16[16,4096,640]{2,1,0} concatenate(%p0, %p1), dimensions={2}
+  %convert.1 = f32[16,4096,640]{2,1,0} convert(%concatenate.1)
+  ROOT %slice.1 = f32[16,1,640]{2,1,0} slice(%convert.1), slice={[0:16], [0:1], [0:640]}
+}
+
+%fused_concat (p0.1: bf16[16,4096,320], p1.1: bf16[16,4096,320]) -> bf16[16,4096,640] {
+  %p0.1 = bf16[16,4096,320]{2,1,0} parameter(0)
+  %p1.1 = bf16[16,4096,320]{2,1,0} parameter(1)
+  ROOT %concatenate.2 = bf16[16,4096,640]{2,1,0} concatenate(%p0.1, %p1.1), dimensions={2}
+}
+
+ENTRY %main (a: bf16[16,4096,320], b: bf16[16,4096,320]) -> (f32[16,1,640], bf16[16,4096,640]) {
+  %a = bf16[16,4096,320]{2,1,0} parameter(0)
+  %b = bf16[16,4096,320]{2,1,0} parameter(1)
+  %shift_fusion = f32[16,1,640]{2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_slice
+  %concat_fusion = bf16[16,4096,640]{2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_concat
+  ROOT %tuple = (f32[16,1,640]{2,1,0}, bf16[16,4096,640]{2,1,0}) tuple(%shift_fusion, %concat_fusion)
+}
+"""
+
+
+def test_a_slice_of_a_concatenation_reads_the_slice_of_each_part():
+    ops = profiling.hlo_ops(CONCAT_SLICE_HLO)
+    part, shift = 16 * 4096 * 320 * 2, 16 * 640 * 4
+    assert ops["shift_fusion"].bytes == shift + 2 * shift  # at most the slice from each part
+    assert ops["concat_fusion"].bytes == 2 * part + 2 * part  # the concatenation written: both read whole
+
+
 def test_a_fusion_making_rows_of_a_slice_reads_only_those_rows():
     x, scale, out = 8 * 64 * 4, 64 * 4, 2 * 64 * 4
     ops = profiling.hlo_ops(ROOT_SLICE_HLO)
