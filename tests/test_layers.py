@@ -218,3 +218,25 @@ def test_conv_of_doubled_input_is_the_conv_of_the_upsampled_input():
         scale = np.abs(reference).max()
         assert np.abs(folded - reference).max() <= 2e-6 * scale
         assert np.abs(bf16_folded - reference).max() <= 1.5 * np.abs(bf16_reference - reference).max()
+
+
+def test_a_1x1_conv_is_a_matmul_with_the_conv_kernel_and_gradients():
+    # 1x1 convs (the U-Net's conv_shortcuts, the adapter's input projection) run as a matmul over
+    # the channels, the kernel kept HWIO: torch's conv of the same weights, values and gradients.
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 16)).astype(np.float32)
+    conv = Conv2d(24, kernel_size=1, padding=0)
+    params = conv.init(jax.random.PRNGKey(1), x)
+    assert params["params"]["kernel"].shape == (1, 1, 16, 24)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: conv.apply(p, x).sum()))(params))
+    assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+    out, grads = jax.value_and_grad(lambda p: (conv.apply(p, x) ** 2).sum() / 2)(params)
+    reference = torch.nn.Conv2d(16, 24, 1)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1)))
+        reference.bias.copy_(torch.from_numpy(np.asarray(params["params"]["bias"])))
+    y = reference(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    (y ** 2 / 2).sum().backward()
+    np.testing.assert_allclose(float(out), float((y ** 2 / 2).sum()), rtol=1e-5)
+    np.testing.assert_allclose(grads["params"]["kernel"], reference.weight.grad.numpy().transpose(2, 3, 1, 0),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads["params"]["bias"], reference.bias.grad.numpy(), rtol=1e-5, atol=1e-5)

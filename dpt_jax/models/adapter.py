@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpt_jax.models.attention import attention
-from dpt_jax.models.layers import LayerNorm
+from dpt_jax.models.layers import Conv2d, LayerNorm
 from dpt_jax.weights import params_to_state_dict
 
 Dtype = Any
@@ -300,8 +300,8 @@ class DiscriminativeAdapter(nn.Module):
 
     def _project_features(self, features: Features) -> jax.Array:
         """The tap(s) -> [B, h, w, d_model]."""
-        conv = lambda name: nn.Conv(self.d_model, (1, 1), kernel_init=xavier, dtype=self.dtype,  # noqa: E731
-                                    param_dtype=self.param_dtype, name=name)
+        conv = lambda name: Conv2d(self.d_model, kernel_size=1, padding=0, kernel_init=xavier,  # noqa: E731
+                                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.fusion == "single":
             if isinstance(features, Mapping):
                 raise ValueError("fusion 'single' takes one NHWC array, not a dict of taps")
