@@ -15,6 +15,11 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 
+# What a bad input raises (a missing file or directory, an output in the way, a wrong value, shape
+# or config key): the command stops with its message, which names the input, not a traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
+
+
 def _train(argv: List[str]) -> None:
     from absl import app, flags
     from ml_collections import config_flags
@@ -36,10 +41,7 @@ def _train(argv: List[str]) -> None:
 def _join_processes() -> None:
     """Multi-host runs: join the other processes before any JAX work (dpt_jax/distributed.py)."""
     from dpt_jax import distributed
-    try:
-        distributed.initialize()
-    except ValueError as e:
-        raise SystemExit(f"dpt-jax: {e}")
+    distributed.initialize()
 
 
 def _lazy(module: str, function: str = "main", multi_process: bool = False) -> Callable[[List[str]], None]:
@@ -80,7 +82,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help") else 2)
     command = argv[1]
     use_compilation_cache()
-    COMMANDS[command]([f"dpt-jax {command}"] + argv[2:])
+    try:
+        COMMANDS[command]([f"dpt-jax {command}"] + argv[2:])
+    except USER_ERRORS as e:
+        raise SystemExit(f"dpt-jax {command}: {e}") from None
 
 
 if __name__ == "__main__":

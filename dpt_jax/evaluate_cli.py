@@ -163,15 +163,12 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
     args = parse_args(argv)
     from dpt_jax.t2i_eval import t2i_table
     os.makedirs(args.out, exist_ok=True)
-    try:
-        if args.task == "t2i":
-            report = evaluate_t2i_runs(args)
-            table = t2i_table(report)
-        else:
-            report = evaluate_discriminative_runs(args)
-            table = discriminative_table(report)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"dpt-jax evaluate: {e}")
+    if args.task == "t2i":
+        report = evaluate_t2i_runs(args)
+        table = t2i_table(report)
+    else:
+        report = evaluate_discriminative_runs(args)
+        table = discriminative_table(report)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(format_table(table))

@@ -306,8 +306,5 @@ def main(argv: Sequence[str]) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--pretrained", default=None, help="base model directory, if it moved since training")
     args = p.parse_args(list(argv))
-    try:
-        written = export(args.checkpoint, args.out, args.merged, args.adapter_only, args.overwrite, args.pretrained)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"dpt-jax export: {e}")
+    written = export(args.checkpoint, args.out, args.merged, args.adapter_only, args.overwrite, args.pretrained)
     print("\n".join(f"wrote {w}" for w in written))

@@ -132,8 +132,5 @@ def generate(args: argparse.Namespace) -> List[dict]:
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    try:
-        rows = generate(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"dpt-jax generate: {e}")
+    rows = generate(args)
     print(f"wrote {len(rows)} images, grid.png and manifest.jsonl to {args.out}")

@@ -137,10 +137,15 @@ def test_eight_devices_match_one_device(tmp_path, config):
     assert diff < 1e-4
 
 
-def test_unknown_config_key_is_named(tmp_path):
+def test_unknown_config_key_and_missing_model_are_named(tmp_path):
     result = _cli_train(str(tmp_path), "--config.no_such_key=1")
     assert result.returncode != 0
     assert "no_such_key" in result.stderr
+    # A bad input ends the command with its message, not a traceback.
+    result = _cli_train(str(tmp_path), f"--config.pretrained={tmp_path / 'no_model'}")
+    assert result.returncode != 0
+    assert f"dpt-jax train: pretrained model directory {tmp_path / 'no_model'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 def test_stage2_lora_and_adapter_move_frozen_weights_do_not(tmp_path):
