@@ -232,11 +232,11 @@ def test_a_1x1_conv_is_a_matmul_with_the_conv_kernel_and_gradients():
     out, grads = jax.value_and_grad(lambda p: (conv.apply(p, x) ** 2).sum() / 2)(params)
     reference = torch.nn.Conv2d(16, 24, 1)
     with torch.no_grad():
-        reference.weight.copy_(torch.from_numpy(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1)))
-        reference.bias.copy_(torch.from_numpy(np.asarray(params["params"]["bias"])))
-    y = reference(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-    (y ** 2 / 2).sum().backward()
-    np.testing.assert_allclose(float(out), float((y ** 2 / 2).sum()), rtol=1e-5)
+        reference.weight.copy_(torch.from_numpy(np.array(params["params"]["kernel"]).transpose(3, 2, 0, 1)))
+        reference.bias.copy_(torch.from_numpy(np.array(params["params"]["bias"])))
+    torch_loss = (reference(torch.from_numpy(x.transpose(0, 3, 1, 2))) ** 2 / 2).sum()
+    torch_loss.backward()
+    np.testing.assert_allclose(float(out), torch_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(grads["params"]["kernel"], reference.weight.grad.numpy().transpose(2, 3, 1, 0),
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grads["params"]["bias"], reference.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
