@@ -95,7 +95,10 @@ profile=()
 triton=()
 [ "$TRITON_GEMM" = 1 ] && triton=(--triton-gemm)
 jax_env=()
-[ -n "$AUTOTUNE_CACHE" ] && jax_env=(env "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_CACHE")
+if [ -n "$AUTOTUNE_CACHE" ]; then
+    mkdir -p "$AUTOTUNE_CACHE"
+    jax_env=(env "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_CACHE")
+fi
 status=0
 for item in $PLAN; do
     IFS=: read -r what batch anchor <<< "$item"
