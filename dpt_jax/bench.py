@@ -302,8 +302,8 @@ def report(base: Dict[str, Any], what: str, batch: int, unit: str, timing: Timin
 
 def profile(run: Callable[[], Any], hlo_text: Callable[[], str], args: argparse.Namespace,
             line: Dict[str, Any]) -> None:
-    """With ``--profile DIR``: where the device time of ``--profile-runs`` more runs goes (a JSON line with
-    ``what`` "profile"), its trace and HLO (``hlo_text()``, asked for only here) under DIR. A
+    """With ``--profile DIR``: where the device time of ``--profile-runs`` more runs goes (a JSON
+    line with ``what`` "profile"), their trace and the HLO (``hlo_text()``, asked for only here) under DIR. A
     failure here (e.g. no CUPTI) is a warning: the measurement's own line is already out."""
     if not args.profile:
         return
@@ -462,8 +462,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="pallas_mgpu: JAX's Pallas flash attention for the self-attentions it takes (Hopper)")
     parser.add_argument("--triton-gemm", action="store_true", help="let XLA use Triton for matmuls on a GPU "
                         "(off in dpt_jax.parallel.XLA_OPTIONS: cuBLAS then takes each matmul's residual add)")
-    parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace one more run: where its "
-                        "device time goes (a 'profile' JSON line), the trace and HLO written to DIR")
+    parser.add_argument("--profile", metavar="DIR", help="after each measurement, trace --profile-runs more runs: "
+                        "where their device time goes (a 'profile' JSON line), the trace and HLO written to DIR")
     parser.add_argument("--profile-runs", type=int, default=1, help="runs the profile traces, each waited for "
                         "(its figures are per run): 2 shows whether the host's work recurs at every call")
     args = parser.parse_args(argv)
