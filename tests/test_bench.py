@@ -21,7 +21,8 @@ def test_bench_tiny_lines(tmp_path):
     # lines say which XLA flags they were measured with.
     env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), "--xla_dump_hlo_as_text=false"]))
     run = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "bench", "--tiny", "--batch", "2",
-                          "--profile", str(tmp_path), "--profile-runs", "2"], capture_output=True, text=True, env=env, timeout=600)
+                          "--profile", str(tmp_path), "--profile-runs", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     every_line = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     lines = [x for x in every_line if x["what"] != "profile"]
