@@ -13,6 +13,7 @@ convolution: :func:`lora_application`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
@@ -240,7 +241,47 @@ class Conv2d(nn.Module):
         return out
 
 
-GROUP_NORM_CHUNK = 256  # positions per partial sum of GroupNorm's statistics
+GROUP_NORM_CHUNK = 256  # positions per partial sum of GroupNorm's reductions
+
+
+def _position_sums(*values: jax.Array) -> Tuple[jax.Array, ...]:
+    """Sums over the positions (axis 1) of [batch, positions, channels] arrays, in one read.
+
+    Partial sums over chunks of GROUP_NORM_CHUNK positions, kept apart by a barrier (XLA would
+    merge the two stages into one reduction), then their sum: they cost 4 / GROUP_NORM_CHUNK of
+    the input's bytes. With one reduction over 4096 positions and fewer than about 16 x 320
+    [batch, channel] values kept (DPT's shared start at batch 8 or 12, the tune step's batch-4 up
+    blocks), XLA wrote ``x - shift`` out in float32 before reducing it (0.22 GB instead of 0.096
+    for one norm of [12, 64, 64, 320], H100 compile), and such a reduction ran at 0.25 TB/s on an
+    H200 (the backward's, at [4, 64, 64, 320]): a block per 32 kept values is too few blocks.
+    """
+    batch, positions, channels = values[0].shape
+    chunks = positions // GROUP_NORM_CHUNK if positions % GROUP_NORM_CHUNK == 0 else 1
+    partial_sums = jax.lax.optimization_barrier(
+        tuple(v.reshape(batch, chunks, positions // chunks, channels).sum(axis=2) for v in values))
+    return tuple(p.sum(axis=1) for p in partial_sums)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _scale_and_shift(x: jax.Array, mul: jax.Array, add: jax.Array, dtype: Dtype) -> jax.Array:
+    """``x * mul + add`` in float32, cast to ``dtype``; x [batch, positions, channels], mul and add
+    [batch, channels]. Its own gradient so that the sums over positions for ``mul`` and ``add``
+    are :func:`_position_sums` (autodiff's were single reductions, the slow kind above)."""
+    return (x.astype(jnp.float32) * mul[:, None, :] + add[:, None, :]).astype(dtype)
+
+
+def _scale_and_shift_fwd(x, mul, add, dtype):
+    return _scale_and_shift(x, mul, add, dtype), (x, mul)
+
+
+def _scale_and_shift_bwd(dtype, residuals, grad):
+    x, mul = residuals
+    grad = grad.astype(jnp.float32)
+    d_mul, d_add = _position_sums(grad * x.astype(jnp.float32), grad)
+    return (grad * mul[:, None, :]).astype(x.dtype), d_mul, d_add
+
+
+_scale_and_shift.defvjp(_scale_and_shift_fwd, _scale_and_shift_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -275,16 +316,8 @@ class GroupNorm(nn.Module):
         positions = xf.shape[1]
         # The result does not depend on the shift, so no gradient needs to flow through it.
         shift = jax.lax.stop_gradient(xf[:, 0, :])
-        # Partial sums over chunks of positions, kept apart by a barrier (XLA would merge the two
-        # sums into one). With one reduction over 4096 positions and fewer than about 16 x 320
-        # [batch, channel] values kept (DPT's shared start at batch 8 or 12, the tune step's
-        # batch-4 up blocks), XLA wrote ``xf - shift`` out in float32 before reducing it: 0.22 GB
-        # instead of 0.096 for one norm of [12, 64, 64, 320] on the H100 compile. The partial
-        # sums cost 4 / GROUP_NORM_CHUNK of x's bytes.
-        chunks = positions // GROUP_NORM_CHUNK if positions % GROUP_NORM_CHUNK == 0 else 1
-        deviation = (xf - shift[:, None, :]).reshape(batch, chunks, positions // chunks, c)
-        partial_sums = jax.lax.optimization_barrier((deviation.sum(axis=2), jnp.square(deviation).sum(axis=2)))
-        sum_dev, sum_dev_sq = (p.sum(axis=1) for p in partial_sums)
+        deviation = xf - shift[:, None, :]
+        sum_dev, sum_dev_sq = _position_sums(deviation, jnp.square(deviation))
         if channel_offset is not None:
             channel_offset = channel_offset.astype(jnp.float32)
             shift = shift + channel_offset
@@ -302,7 +335,7 @@ class GroupNorm(nn.Module):
         add = bias - mean * mul
         if channel_offset is not None:
             add = add + channel_offset * mul
-        return (xf * mul[:, None, :] + add[:, None, :]).reshape(x.shape).astype(self.dtype)
+        return _scale_and_shift(xf, mul, add, self.dtype).reshape(x.shape)
 
 
 class LayerNorm(nn.Module):
