@@ -101,9 +101,10 @@ def main() -> None:
         in_shardings = parallel.layouts_left_to_xla(abstract, 1) if donate else None
         with parallel.xla_options(xla_gpu_enable_triton_gemm=args.triton_gemm):
             jitted = parallel.jit(fn, in_shardings=in_shardings, donate_argnums=donate)
-        hlo = jitted.lower(*abstract).compile().as_text()
+        compiled = jitted.lower(*abstract).compile()
+        hlo = compiled.as_text()
         line = dict(what="gpu_hlo", target=args.target, measurement=name, jax=jax.__version__,
-                    triton_gemm=args.triton_gemm,
+                    triton_gemm=args.triton_gemm, memory_gb=bench.program_memory_gb(compiled),
                     compile_s=round(time.perf_counter() - start, 1), per="step" if loop_trips > 1 else "call",
                     **profiling.hlo_traffic(hlo, loop_trips))
         if args.out:

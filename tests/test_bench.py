@@ -35,7 +35,7 @@ def test_bench_tiny_lines(tmp_path):
         assert (x["impl"], x["device"], x["shapes"], x["batch"]) == ("dpt-jax", "cpu", "tiny", 2)
         assert x["triton_gemm"] is False  # dpt_jax.parallel.XLA_OPTIONS' default
         assert x["xla_flags"] == env["XLA_FLAGS"], x  # the caller's, not --tiny's
-        for key in ("median_s", "min_s", "steady_s", unit, "compile_s", "tflop", "xla_tflop"):
+        for key in ("median_s", "min_s", "steady_s", unit, "compile_s", "tflop", "xla_tflop", "memory_gb"):
             assert math.isfinite(x[key]) and x[key] > 0, (key, x)
         assert x["min_s"] <= x["median_s"]
         assert x["mfu"] is None and x["steady_mfu"] is None  # no known peak on a CPU
@@ -167,6 +167,7 @@ def test_model_flops_count_lora_factored():
 def test_steps_per_call_reports_per_step_figures(bench_in_process):
     # Two steps per compiled call: the line's times, flops and samples are per step. XLA's cost
     # analysis counts the loop's body (one step) once; the jaxpr count divides the call's by 2.
+    import jax
     import jax.numpy as jnp
     from dpt_jax import bench
     (line,) = bench_in_process(["--tiny", "--what", "probe", "--batch", "2", "--iters", "1", "--steps-per-call", "2"])
@@ -177,3 +178,5 @@ def test_steps_per_call_reports_per_step_figures(bench_in_process):
     # One step's XLA count is 1.11x its model flops (elementwise ops count there): not 0.55x nor 2.2x.
     assert 0.9 * line["tflop"] <= line["xla_tflop"] <= 1.3 * line["tflop"], line
     assert abs(line["samples_per_s"] * line["median_s"] - 2) < 1e-3 * 2  # batch 2 per step
+    # The program's memory holds at least its arguments (one step's batch here, two steps' there).
+    assert sum(x.nbytes for x in jax.tree.leaves(args)) <= line["memory_gb"] * 1e9 * 1.001, line
