@@ -63,6 +63,30 @@ def test_group_norm_matches_torch(offset, size):
         assert err <= max(2 * np.abs(bar - ref).max(), 2e-6 * np.abs(ref).max()), name
 
 
+def test_group_norm_sums_at_most_a_chunk_of_positions_at_once():
+    # Forward and backward: every sum over positions is a partial sum over GROUP_NORM_CHUNK of them
+    # (then a sum of those): a GPU ran single sums over 4096 positions that keep few values slowly.
+    x = jnp.ones((2, 32, 32, 64))  # 4 chunks of positions
+    norm = GroupNorm(num_groups=8)
+    params = norm.init(jax.random.PRNGKey(0), x)
+    offset = jnp.zeros((2, 64))
+    def gradients(p, x, o, cotangent):
+        return jax.vjp(lambda p, x, o: norm.apply(p, x, channel_offset=o), p, x, o)[1](cotangent)
+    jaxpr = jax.make_jaxpr(gradients)(params, x, offset, x)
+    summed = []
+
+    def collect(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "reduce_sum":
+                shape = eqn.invars[0].aval.shape
+                summed.append(int(np.prod([shape[a] for a in eqn.params["axes"]])))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                collect(getattr(sub, "jaxpr", sub))
+    collect(jaxpr.jaxpr)
+    assert summed.count(GROUP_NORM_CHUNK) == 4, summed  # statistics (2) and the backward's (2)
+    assert max(summed) == GROUP_NORM_CHUNK, summed
+
+
 def test_group_norm_takes_tokens_and_names_bad_channels():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 12))
     params = GroupNorm(num_groups=4).init(jax.random.PRNGKey(1), x)

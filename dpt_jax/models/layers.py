@@ -253,7 +253,7 @@ def _position_sums(*values: jax.Array) -> Tuple[jax.Array, ...]:
     [batch, channel] values kept (DPT's shared start at batch 8 or 12, the tune step's batch-4 up
     blocks), XLA wrote ``x - shift`` out in float32 before reducing it (0.22 GB instead of 0.096
     for one norm of [12, 64, 64, 320], H100 compile), and such a reduction ran at 0.25 TB/s on an
-    H200 (the backward's, at [4, 64, 64, 320]): a block per 32 kept values is too few blocks.
+    H200 (the backward's, at [4, 64, 64, 320]; few values kept, few thread blocks).
     """
     batch, positions, channels = values[0].shape
     chunks = positions // GROUP_NORM_CHUNK if positions % GROUP_NORM_CHUNK == 0 else 1
