@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,8 @@ def vae_config(width: int = 16, levels: int = 2) -> Dict[str, Any]:
 
 
 def write_sd_dir(folder: str, unet_config: Dict[str, Any], vae_cfg: Dict[str, Any],
-                 text_config: Dict[str, Any], params: Dict[str, Any], words=testing.WORDS) -> str:
+                 text_config: Dict[str, Any], params: Dict[str, Any],
+                 words: Sequence[str] = testing.WORDS) -> str:
     """Save Flax parameters as a diffusers pipeline directory (the layout diffusers writes)."""
     testing.write_clip_tokenizer(os.path.join(folder, "tokenizer"), words, pad_token="!")
     _dump(os.path.join(folder, "unet", "config.json"), dict(_class_name="UNet2DConditionModel", **unet_config))

@@ -12,11 +12,14 @@ import json
 import logging
 import math
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from dpt_jax.images import GRID_IMAGES, PngWriter, save_grid
+
+if TYPE_CHECKING:
+    from dpt_jax.sampler import Generator
 
 
 def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str]:
@@ -81,7 +84,7 @@ def load_sampling_models(checkpoint: Optional[str] = None, pretrained: Optional[
 
 def make_generator(models: SamplingModels, steps: int = 50, guidance: float = 7.5, eta_sc: float = 0.0,
                    sc_start: int = 0, sc_end: Optional[int] = None, latent_size: Optional[int] = None,
-                   negative_prompt: str = ""):
+                   negative_prompt: str = "") -> Generator:
     from dpt_jax.sampler import Generator, SamplerConfig
     cfg = SamplerConfig(steps=steps, guidance=guidance, eta_sc=eta_sc, sc_start=sc_start, sc_end=sc_end,
                         taps=models.taps)
@@ -89,7 +92,7 @@ def make_generator(models: SamplingModels, steps: int = 50, guidance: float = 7.
                      adapter_params=models.adapter_params, latent_size=latent_size, negative_prompt=negative_prompt)
 
 
-def build_generator(args: argparse.Namespace):
+def build_generator(args: argparse.Namespace) -> Generator:
     return make_generator(load_sampling_models(args.checkpoint, args.pretrained), args.steps, args.guidance,
                           args.eta_sc, args.sc_start, args.sc_end, args.latent_size, args.negative_prompt)
 

@@ -107,7 +107,8 @@ def _encode_text(text_encoder: CLIPTextModel, params: Params, ids: jax.Array):
 
 def unet_forward(unet: UNet2DConditionModel, params: Params, lora: Optional[Params], latents: jax.Array,
                  t: jax.Array, hidden: jax.Array, taps: Sequence[str] = (), eps: bool = True,
-                 eps_every: Optional[int] = None, sample_of_row: Optional[Sequence[int]] = None):
+                 eps_every: Optional[int] = None, sample_of_row: Optional[Sequence[int]] = None
+                 ) -> Tuple[Optional[jax.Array], Dict[str, jax.Array]]:
     """The U-Net with optional LoRA variables (already scaled: see :func:`dpt_jax.lora.lora_variables`);
     ``eps_every`` and ``sample_of_row``: see :class:`dpt_jax.models.unet.UNet2DConditionModel`."""
     variables = {"params": params}

@@ -36,7 +36,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def sine_position_embedding(height: int, width: int, num_pos_feats: int, device=None,
+def sine_position_embedding(height: int, width: int, num_pos_feats: int, device: Optional[torch.device] = None,
                             temperature: float = 10000.0, eps: float = 1e-6) -> torch.Tensor:
     """DETR's ``PositionEmbeddingSine`` (normalize=True, scale 2*pi) -> [height*width, 2*num_pos_feats]."""
     scale = 2 * math.pi
