@@ -87,6 +87,29 @@ def test_group_norm_sums_at_most_a_chunk_of_positions_at_once():
     assert max(summed) == GROUP_NORM_CHUNK, summed
 
 
+def test_group_norm_forward_mode_matches_a_plain_group_norm():
+    # Its own tangent rule (for chunked sums in the gradient) keeps jax.jvp working: the same
+    # directional derivative, in x, scale, bias and the channel offset, as a two-pass GroupNorm.
+    keys = jax.random.split(jax.random.PRNGKey(3), 8)
+    x, t_x = (jax.random.normal(k, (2, 32, 16, 64)) for k in keys[:2])
+    offset, t_offset, scale, t_scale, bias, t_bias = (jax.random.normal(k, (2, 64) if i < 2 else (64,))
+                                                     for i, k in enumerate(keys[2:]))
+    norm = GroupNorm(num_groups=8)
+
+    def ours(x, o, scale, bias):
+        return norm.apply({"params": {"scale": scale, "bias": bias}}, x, channel_offset=o)
+
+    def plain(x, o, scale, bias):
+        groups = (x + o[:, None, None, :]).reshape(2, -1, 8, 8)
+        mean = groups.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(groups - mean).mean(axis=(1, 3), keepdims=True)
+        return ((groups - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+    primals, tangents = (x, offset, scale, bias), (t_x, t_offset, t_scale, t_bias)
+    (out, forward), (out_ref, forward_ref) = (jax.jvp(f, primals, tangents) for f in (ours, plain))
+    np.testing.assert_allclose(out, out_ref, atol=2e-5)
+    np.testing.assert_allclose(forward, forward_ref, atol=1e-4 * float(jnp.abs(forward_ref).max()))
+
+
 def test_group_norm_takes_tokens_and_names_bad_channels():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 12))
     params = GroupNorm(num_groups=4).init(jax.random.PRNGKey(1), x)
