@@ -256,8 +256,8 @@ def _position_sums(*values: jax.Array) -> Tuple[jax.Array, ...]:
     the input's bytes. With one reduction over 4096 positions and fewer than about 16 x 320
     [batch, channel] values kept (DPT's shared start at batch 8 or 12, the tune step's batch-4 up
     blocks), XLA wrote ``x - shift`` out in float32 before reducing it (0.22 GB instead of 0.096
-    for one norm of [12, 64, 64, 320], H100 compile), and such a reduction ran at 0.25 TB/s on an
-    H200 (the backward's, at [4, 64, 64, 320]; few values kept, few thread blocks).
+    for one norm of [12, 64, 64, 320], H100 compile); the gradient's such sums: see
+    :func:`_scale_and_shift`.
     """
     batch, positions, channels = values[0].shape
     chunks = _position_chunks(positions)
