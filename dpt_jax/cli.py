@@ -20,8 +20,31 @@ from typing import Callable, Dict, List, Optional
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
 
-def _train(argv: List[str]) -> None:
+def run_app(main: Callable[[List[str]], None], argv: List[str]) -> None:
+    """absl's ``app.run``, with an override of a key the config lacks (``--config.no_such_key=1``)
+    named as a bad input: ml_collections raises it from inside absl's flag parser as an
+    ``AttributeError``, which absl would let through as a traceback."""
     from absl import app, flags
+    try:
+        app.run(main, argv=argv)
+    except (AttributeError, KeyError) as error:
+        if flags.FLAGS.is_parsed():  # raised by the command itself, after parsing: not a bad flag
+            raise
+        raise ValueError(_unknown_config_key(error, argv)) from None
+
+
+def _unknown_config_key(error: BaseException, argv: List[str]) -> str:
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(text))
+        error = error.args[0]
+    lines = str(error.args[0] if error.args else error).strip("'\"").splitlines()
+    key = lines[0].strip("'\"") if lines else "?"
+    names = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
+    flag = next((name for name in names if key in name.split(".")[1:]), "--config." + key)
+    return "; ".join([f"{flag}: the config has no key {key!r}"] + [line.strip() for line in lines[1:]])
+
+
+def _train(argv: List[str]) -> None:
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
@@ -35,7 +58,7 @@ def _train(argv: List[str]) -> None:
         from dpt_jax.train import train
         train(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    app.run(main, argv=argv)
+    run_app(main, argv)
 
 
 def _join_processes() -> None:

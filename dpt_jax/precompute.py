@@ -127,7 +127,8 @@ def _check_or_write_meta(out: str, meta: Dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags
+    from absl import flags
+    from dpt_jax.cli import run_app
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Path to a get_config() file (model and data).",
@@ -147,4 +148,4 @@ def main(argv: Sequence[str]) -> None:
         out = precompute(f.config, f.out, f.split, f.shard_size, f.batch_size, f.dtype, f.limit)
         print(f"wrote {out}")
 
-    app.run(run, argv=["dpt-jax precompute"] + list(argv))
+    run_app(run, ["dpt-jax precompute"] + list(argv))

@@ -85,7 +85,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> s
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags, logging
+    from absl import flags, logging
+    from dpt_jax.cli import run_app
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
@@ -97,4 +98,4 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)
         pretrain(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out)
 
-    app.run(run, argv=["dpt-jax pretrain"] + list(argv))
+    run_app(run, ["dpt-jax pretrain"] + list(argv))

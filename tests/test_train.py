@@ -138,9 +138,11 @@ def test_eight_devices_match_one_device(tmp_path, config):
 
 
 def test_unknown_config_key_and_missing_model_are_named(tmp_path):
-    result = _cli_train(str(tmp_path), "--config.no_such_key=1")
+    result = _cli_train(str(tmp_path), "--config.optim.lrr=1")
     assert result.returncode != 0
-    assert "no_such_key" in result.stderr
+    assert ("dpt-jax train: --config.optim.lrr: the config has no key 'lrr'; "
+            'Did you mean "lr" instead of "lrr"?') in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
     # A bad input ends the command with its message, not a traceback.
     result = _cli_train(str(tmp_path), f"--config.pretrained={tmp_path / 'no_model'}")
     assert result.returncode != 0
