@@ -212,7 +212,7 @@ def run_demo(out: str, quick: bool = False, pretrained: str = MODEL) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="dpt-jax demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dpt-jax demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a shortened run (CI's end-to-end test)")
     p.add_argument("--pretrained", default=MODEL, help="the SD to start from (default: the shipped shapes model)")

@@ -26,7 +26,7 @@ TASKS = ("itm", "rec", "t2i")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dpt-jax evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dpt-jax evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--run", action="append", required=True, metavar="NAME=PATH", help="repeat to compare runs")
     p.add_argument("--out", required=True, help="directory for report.json (and t2i images)")

@@ -295,7 +295,7 @@ def export(checkpoint: str, out_dir: str, merged: bool = False, adapter_only: bo
 
 
 def main(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="dpt-jax export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dpt-jax export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="training workdir (newest step) or WORKDIR/checkpoints/STEP")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --overwrite)")
     mode = p.add_mutually_exclusive_group()

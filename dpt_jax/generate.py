@@ -37,7 +37,7 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dpt-jax generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dpt-jax generate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="training workdir (newest step) or WORKDIR/checkpoints/STEP")
     src.add_argument("--pretrained", help="diffusers directory or builtin:NAME (no adapter, no LoRA)")
