@@ -1,5 +1,5 @@
 """``dpt-jax generate``: prompts -> PNG images, a grid (of the first 64) and a manifest, with optional
-self-correction.
+self-correction. Rerun on the same ``--out``, an interrupted generation goes on where it stopped.
 
     dpt-jax generate --checkpoint runs/tune_tiny --prompt "a red square" --out out/ --self-correction 0.5
     dpt-jax generate --pretrained /data/sd21 --prompts prompts.txt --out out/ --images-per-prompt 4
@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from dpt_jax.images import GRID_IMAGES, PngWriter, save_grid
 
 if TYPE_CHECKING:
     from dpt_jax.sampler import Generator
+
+MANIFEST = "manifest.jsonl"
 
 
 def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str]:
@@ -97,38 +99,83 @@ def build_generator(args: argparse.Namespace) -> Generator:
                           args.eta_sc, args.sc_start, args.sc_end, args.latent_size, args.negative_prompt)
 
 
-def generate(args: argparse.Namespace) -> List[dict]:
+def image_name(index: int) -> str:
+    return f"{index:05d}.png"
+
+
+def _written_rows(out_dir: str, jobs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The manifest rows an earlier run left in ``out_dir`` that hold these jobs' images: the
+    longest prefix whose rows have the jobs' fields and whose PNG is there (written whole:
+    :func:`dpt_jax.images.save_png` renames a finished file into place)."""
+    path = os.path.join(out_dir, MANIFEST)
+    rows: List[Dict[str, Any]] = []
+    if not os.path.isfile(path):
+        return rows
+    with open(path) as f:
+        for line, job in zip(f, jobs):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line the interruption cut short
+                break
+            if ({k: row.get(k) for k in job} != job or row.get("file") != image_name(len(rows))
+                    or not os.path.isfile(os.path.join(out_dir, row["file"]))):
+                break
+            rows.append(row)
+    return rows
+
+
+def generate_images(generator: "Generator", jobs: Sequence[Dict[str, Any]], out_dir: str, batch_size: int,
+                    keep_images: int = GRID_IMAGES, grid_columns: Optional[int] = None, desc: str = "generate"
+                    ) -> Tuple[List[Dict[str, Any]], np.ndarray]:
+    """Each job (a manifest row: ``prompt``, ``seed`` and what else should be recorded) sampled
+    and written as ``out_dir/NNNNN.png``, with its row (plus ``file`` and the adapter's
+    ``itm_score``) in ``manifest.jsonl`` and ``grid.png`` of the first 64 images.
+
+    A rerun on the same ``out_dir`` resumes: the images an interrupted run wrote for the same jobs
+    are kept and only the rest sampled, to the same pixels (an image depends on its prompt and
+    seed, not on its batch). Several processes all sample (a batch spans their devices); process
+    0 writes. Returns the rows and the first ``keep_images`` images (uint8 [N, H, W, 3])."""
     import jax
+    from PIL import Image
     from tqdm import tqdm
-    prompts = read_prompts(args.prompt, args.prompts)
-    primary = jax.process_index() == 0  # several processes: all sample (a batch spans their devices), one writes
-    if primary and os.path.isdir(args.out) and os.listdir(args.out):
-        logging.warning("writing into non-empty %s", args.out)
+    primary = jax.process_index() == 0
+    rows = _written_rows(out_dir, jobs) if primary else []
+    done = len(rows)
+    if jax.process_count() > 1:  # every process samples the same batches; only process 0 can read out_dir
+        from jax.experimental import multihost_utils
+        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
     if primary:
-        os.makedirs(args.out, exist_ok=True)
-    generator = build_generator(args)
-    jobs = [(p, args.seed + i * args.images_per_prompt + k, i)
-            for i, p in enumerate(prompts) for k in range(args.images_per_prompt)]
-    rows, images = [], []
-    with open(os.path.join(args.out, "manifest.jsonl") if primary else os.devnull, "w") as manifest, \
-            PngWriter() as writer:
-        for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch", disable=not primary):
-            chunk = jobs[start:start + args.batch_size]
-            out = generator([p for p, _, _ in chunk], [s for _, s, _ in chunk])
-            for (prompt, seed, prompt_index), image, score in zip(chunk, out["images"], out["scores"]):
-                name = f"{len(rows):05d}.png"
+        if done:
+            logging.info("%s: %d of %d images already written, sampling the rest", out_dir, done, len(jobs))
+        elif os.path.isdir(out_dir) and os.listdir(out_dir):
+            logging.warning("writing into non-empty %s", out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+    images = [np.asarray(Image.open(os.path.join(out_dir, row["file"])).convert("RGB")) for row in rows[:keep_images]]
+    with open(os.path.join(out_dir, MANIFEST) if primary else os.devnull, "w") as manifest, PngWriter() as writer:
+        manifest.writelines(json.dumps(row) + "\n" for row in rows)
+        for start in tqdm(range(done, len(jobs), batch_size), desc=desc, unit="batch", disable=not primary):
+            chunk = jobs[start:start + batch_size]
+            out = generator([job["prompt"] for job in chunk], [job["seed"] for job in chunk])
+            for index, job, image, score in zip(range(start, len(jobs)), chunk, out["images"], out["scores"]):
+                row = dict(file=image_name(index), **job, itm_score=None if math.isnan(float(score)) else float(score))
                 if primary:
-                    writer.save_png(image, os.path.join(args.out, name))
-                row = dict(file=name, prompt=prompt, prompt_index=prompt_index, seed=seed, eta_sc=args.eta_sc,
-                           steps=args.steps, guidance=args.guidance,
-                           itm_score=None if math.isnan(float(score)) else float(score))
+                    writer.save_png(image, os.path.join(out_dir, row["file"]))
                 manifest.write(json.dumps(row) + "\n")
                 rows.append(row)
-                if len(images) < GRID_IMAGES:
+                if len(images) < keep_images:
                     images.append(image)
-    if primary:
-        save_grid(np.stack(images), os.path.join(args.out, "grid.png"), columns=args.images_per_prompt
-                  if args.images_per_prompt > 1 else None)
+    if primary and images:
+        save_grid(np.stack(images[:GRID_IMAGES]), os.path.join(out_dir, "grid.png"), columns=grid_columns)
+    return rows, np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def generate(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    prompts = read_prompts(args.prompt, args.prompts)
+    jobs = [dict(prompt=p, prompt_index=i, seed=args.seed + i * args.images_per_prompt + k, eta_sc=args.eta_sc,
+                 steps=args.steps, guidance=args.guidance)
+            for i, p in enumerate(prompts) for k in range(args.images_per_prompt)]
+    rows, _ = generate_images(build_generator(args), jobs, args.out, args.batch_size,
+                              grid_columns=args.images_per_prompt if args.images_per_prompt > 1 else None)
     return rows
 
 

@@ -23,9 +23,13 @@ def image_to_float(images: Any) -> Any:
 
 
 def save_png(image: np.ndarray, path: str) -> None:
+    """Written whole or not at all: a PNG at ``path`` is complete even if the writer was killed
+    (what lets ``dpt-jax generate`` resume by the files it finds)."""
     from PIL import Image
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    partial = path + ".partial"
+    Image.fromarray(np.asarray(image, np.uint8)).save(partial, format="PNG")
+    os.replace(partial, path)
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:

@@ -7,15 +7,13 @@ per category. Each variant's images go to ``OUT/<variant>/`` with a grid and a m
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from dpt_jax.data.prompts import Prompt, per_category
-from dpt_jax.generate import SamplingModels, make_generator
-from dpt_jax.images import GRID_IMAGES, PngWriter, save_grid
+from dpt_jax.generate import SamplingModels, generate_images, make_generator
 
 
 def variant_name(run: str, eta_sc: float) -> str:
@@ -24,24 +22,13 @@ def variant_name(run: str, eta_sc: float) -> str:
 
 def generate_variant(models: SamplingModels, eta_sc: float, prompts: Sequence[Prompt], out_dir: str, steps: int,
                      guidance: float, batch_size: int, seed: int) -> np.ndarray:
-    """Images uint8 [N, H, W, 3] of every prompt, written as PNGs with a manifest and a grid."""
-    from tqdm import tqdm
-    generator = make_generator(models, steps=steps, guidance=guidance, eta_sc=eta_sc)
-    os.makedirs(out_dir, exist_ok=True)
-    images: List[np.ndarray] = []
-    with open(os.path.join(out_dir, "manifest.jsonl"), "w") as manifest, PngWriter() as writer:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=os.path.basename(out_dir), unit="batch"):
-            chunk = prompts[start:start + batch_size]
-            out = generator([p for p, _ in chunk], [seed + start + k for k in range(len(chunk))])
-            for (prompt, category), image in zip(chunk, out["images"]):
-                i = len(images)
-                writer.save_png(image, os.path.join(out_dir, f"{i:05d}.png"))
-                manifest.write(json.dumps(dict(file=f"{i:05d}.png", prompt=prompt, category=category, seed=seed + i,
-                                               eta_sc=eta_sc, steps=steps, guidance=guidance)) + "\n")
-                images.append(image)
-    images_array = np.stack(images)
-    save_grid(images_array[:GRID_IMAGES], os.path.join(out_dir, "grid.png"))
-    return images_array
+    """Images uint8 [N, H, W, 3] of every prompt, written as PNGs with a manifest and a grid (a
+    rerun resumes an interrupted variant: :func:`dpt_jax.generate.generate_images`)."""
+    jobs = [dict(prompt=prompt, category=category, seed=seed + i, eta_sc=eta_sc, steps=steps, guidance=guidance)
+            for i, (prompt, category) in enumerate(prompts)]
+    _, images = generate_images(make_generator(models, steps=steps, guidance=guidance, eta_sc=eta_sc), jobs, out_dir,
+                                batch_size, keep_images=len(jobs), desc=os.path.basename(out_dir))
+    return images
 
 
 def evaluate_t2i(runs: Dict[str, SamplingModels], etas: Sequence[float], prompts: Sequence[Prompt], scorer: Any,
