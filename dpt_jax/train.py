@@ -48,17 +48,23 @@ class NonFiniteLossError(RuntimeError):
 
 class Preemption:
     """SIGTERM (TPU maintenance, spot reclaim) asks the loop to checkpoint and stop; on many hosts
-    JAX's preemption sync point makes every host stop at the same step."""
+    JAX's preemption sync point makes every host stop at the same step. In a single process a
+    Ctrl-C does the same, and a second Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.requested = False
         # Several processes: jax.distributed's preemption service owns SIGTERM and picks the common
         # stop step; a Python handler would replace its handler and the run would never stop.
         own = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
-        self._previous = signal.signal(signal.SIGTERM, self._handle) if own else None
+        signals = (signal.SIGTERM, signal.SIGINT) if own else ()
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this call's steps")
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        logging.warning("%s received: saving a checkpoint and stopping after this call's steps%s", name,
+                        " (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else "")
         self.requested = True
 
     def reached(self, calls: int) -> bool:
@@ -69,8 +75,8 @@ class Preemption:
         return self.requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 @flax.struct.dataclass

@@ -1,5 +1,6 @@
 """Stage-1 / stage-2 training on the builtin tiny SD and the synthetic shapes set."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -79,6 +80,22 @@ def test_resume_matches_uninterrupted_run(tmp_path, stage, monkeypatch):
     rows_full = {r["step"]: r["loss"] for r in read_metrics(full)}
     rows_part = {r["step"]: r["loss"] for r in read_metrics(part)}
     assert [rows_part[s] for s in range(1, 7)] == [rows_full[s] for s in range(1, 7)]
+
+
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
+    # The checkpoint-and-stop that follows is SIGTERM's (test_multihost.py runs it end to end).
+    from dpt_jax.train import Preemption
+    before = signal.getsignal(signal.SIGINT)
+    preemption = Preemption()
+    try:
+        assert not preemption.reached(1)
+        signal.raise_signal(signal.SIGINT)
+        assert preemption.reached(1)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        preemption.close()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_steps_in_one_call_match_one_step_per_call(tmp_path):
