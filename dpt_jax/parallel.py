@@ -7,6 +7,7 @@ One code path serves one device, eight devices and many hosts.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
@@ -84,8 +85,35 @@ def check_divisible(global_batch_size: int, mesh: Mesh, what: str = "batch_size"
 
 
 def jit(fn: Callable, **kwargs: Any) -> Any:
-    """``jax.jit`` with ``XLA_OPTIONS``, as they are when it is called."""
+    """``jax.jit`` with ``XLA_OPTIONS``, as they are when it is called, tracing ``fn`` under the
+    mesh of its ``in_shardings`` or ``out_shardings`` (``jax.sharding.use_abstract_mesh``): a kernel
+    XLA cannot partition (a TPU's Pallas flash attention) finds there the mesh to split its batch
+    over by ``shard_map``."""
+    mesh = _mesh_of(kwargs.get("in_shardings"), kwargs.get("out_shardings"))
+    if mesh is not None:
+        fn = _traced_under(mesh, fn)
     return jax.jit(fn, compiler_options=dict(XLA_OPTIONS), **kwargs)
+
+
+def _mesh_of(*shardings: Any) -> Optional[Mesh]:
+    for leaf in jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, Format))):
+        sharding = leaf.sharding if isinstance(leaf, Format) else leaf
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def _traced_under(mesh: Mesh, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    # The program keeps the function's name (jit_train_steps, jit_denoise), as jit gives a partial.
+    traced.__name__ = traced.__qualname__ = getattr(inner, "__name__", "traced")
+    return traced
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """The attention dispatch: cuDNN's fused kernel on a GPU where it compiles (a cross-attention's
-keys padded), XLA's attention everywhere else; the same numbers either way."""
+keys padded), Pallas flash attention for a TPU's self-attentions, XLA's attention everywhere
+else; the same numbers either way."""
 import logging
 
 import jax
@@ -102,3 +103,82 @@ def test_pallas_takes_the_self_attentions_it_can_and_leaves_the_rest(on_gpu, mon
         attention.attention(short, short, short)  # 64 tokens, not a whole block: cuDNN
         attention.attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32))  # float32: XLA
     assert calls == [("pallas", 256, 256), ("cudnn", 256, 128), ("cudnn", 64, 64), ("xla", 256, 256)]
+
+
+@pytest.fixture
+def on_tpu(monkeypatch):
+    """A TPU as far as the dispatch can tell, its Pallas kernels run by Pallas' TPU interpreter."""
+    import jax.experimental.pallas.tpu as pltpu
+    monkeypatch.setattr(attention, "on_tpu", lambda: True)
+    with pltpu.force_tpu_interpret_mode():
+        yield
+
+
+def test_tpu_flash_attention_takes_the_self_attentions_with_the_same_numbers(on_tpu):
+    q, _, _ = _qkv(q_len=256, k_len=256, heads=2, dim=64)
+    _, k, v = _qkv(q_len=256, k_len=256, heads=2, dim=64, seed=1)
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+    assert attention._auto_implementation(q, k, None) == "pallas_tpu"
+
+    def loss(implementation):
+        return lambda q, k, v: (attention.attention(q, k, v, implementation=implementation) * weights).sum()
+    flash, flash_grads = jax.value_and_grad(loss(None), argnums=(0, 1, 2))(q, k, v)
+    xla, xla_grads = jax.value_and_grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    # float32: the kernel's online softmax against XLA's two-pass one, seen 1e-6.
+    np.testing.assert_allclose(flash, xla, rtol=1e-5)
+    np.testing.assert_allclose(attention.attention(q, k, v), attention.attention(q, k, v, implementation="xla"),
+                               atol=1e-5)
+    for got, want in zip(flash_grads, xla_grads):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # XLA's where the kernel does not go: a cross-attention's 77 keys, a length short of a block, a mask.
+    cross_q, cross_k, _ = _qkv(q_len=256, k_len=77, dim=64)
+    short = q[:, :64]
+    assert attention._auto_implementation(cross_q, cross_k, None) == "xla"
+    assert attention._auto_implementation(short, short, None) == "xla"
+    assert attention._auto_implementation(q, q, jnp.ones((256,), bool)) == "xla"
+    wide, _, _ = _qkv(q_len=256, k_len=256, heads=1, dim=160)  # SD-1.x's widest heads: the kernel refuses 160
+    assert attention._auto_implementation(wide, wide, None) == "xla"
+    with attention.attention_implementation("pallas_tpu"):  # forced: the same choices
+        np.testing.assert_allclose(attention.attention(cross_q, cross_k, cross_k),
+                                   attention.attention(cross_q, cross_k, cross_k, implementation="xla"), atol=1e-6)
+
+
+SHARDED_TPU_FLASH = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+from dpt_jax import parallel
+from dpt_jax.models import attention
+attention.on_tpu = lambda: True
+seen = []
+def kernel(q, k, v, sm_scale):  # [batch, heads, length, head_dim]: XLA's attention in the kernel's place
+    seen.append(q.shape)
+    return jax.nn.dot_product_attention(*(t.swapaxes(1, 2) for t in (q, k, v)), scale=sm_scale).swapaxes(1, 2)
+tpu_flash.flash_attention = kernel
+mesh = parallel.make_mesh()
+rows = parallel.batch_sharding(mesh)
+rng = np.random.default_rng(0)
+q, k, v, w = (jax.device_put(jnp.asarray(rng.standard_normal((16, 128, 2, 64)), jnp.float32), rows) for _ in range(4))
+def loss(q, k, v, implementation=None):
+    return (attention.attention(q, k, v, implementation=implementation) * w).sum()
+step = parallel.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), in_shardings=(rows, rows, rows))
+flash, flash_grads = step(q, k, v)
+xla, xla_grads = jax.value_and_grad(lambda *a: loss(*a, implementation="xla"), argnums=(0, 1, 2))(q, k, v)
+np.testing.assert_allclose(flash, xla, rtol=1e-5)
+for got, want in zip(flash_grads, xla_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+print(jax.device_count(), "devices; the kernel saw", seen)
+"""
+
+
+def test_tpu_flash_attention_runs_on_each_devices_rows_under_the_mesh():
+    # XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned",
+    # a TPU v5e compile): parallel.jit traces under its shardings' mesh, where the kernel runs in a
+    # shard_map over the batch axes. 8 CPU devices, a stand-in for the kernel (Pallas' TPU
+    # interpreter did not finish in 10 minutes with 2 devices): it sees one device's 2 rows of 16.
+    import subprocess
+    import sys
+    from dpt_jax.testing import cpu_process_env
+    result = subprocess.run([sys.executable, "-c", SHARDED_TPU_FLASH], env=cpu_process_env(8), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 devices; the kernel saw [(2, 2, 128, 64)]" in result.stdout, result.stdout
