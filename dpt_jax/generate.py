@@ -68,6 +68,17 @@ class SamplingModels:
     adapter: Any = None
     adapter_params: Any = None
     taps: Tuple[str, ...] = ("up1",)
+    source: str = ""  # model_source(): what the weights came from, as manifests record it
+
+
+def model_source(checkpoint: Optional[str] = None, pretrained: Optional[str] = None) -> str:
+    """What sampling's weights come from, as a manifest's ``model`` records it (a rerun resumes
+    only the same model's images): the checkpoint's step folder or the pretrained directory,
+    absolute, or ``builtin:NAME``. A workdir names its newest step, so training on changes it."""
+    if checkpoint:
+        from dpt_jax.checkpoints import resolve_step_dir
+        return resolve_step_dir(checkpoint)
+    return pretrained if pretrained.startswith("builtin:") else os.path.abspath(os.path.expanduser(pretrained))
 
 
 def load_sampling_models(checkpoint: Optional[str] = None, pretrained: Optional[str] = None) -> SamplingModels:
@@ -78,10 +89,11 @@ def load_sampling_models(checkpoint: Optional[str] = None, pretrained: Optional[
         run = load_trained(checkpoint)
         unet_params = merge_lora(run.sd.unet_params, run.params["lora"], run.lora_spec) if run.params.get("lora") \
             else run.sd.unet_params
-        return SamplingModels(run.sd, unet_params, run.adapter, run.params["adapter"], tuple(run.config.adapter.taps))
+        return SamplingModels(run.sd, unet_params, run.adapter, run.params["adapter"], tuple(run.config.adapter.taps),
+                              model_source(checkpoint))
     from dpt_jax.pipeline import load_pretrained
     sd = load_pretrained(pretrained)
-    return SamplingModels(sd, sd.unet_params)
+    return SamplingModels(sd, sd.unet_params, source=model_source(pretrained=pretrained))
 
 
 def make_generator(models: SamplingModels, steps: int = 50, guidance: float = 7.5, eta_sc: float = 0.0,
@@ -171,8 +183,9 @@ def generate_images(generator: "Generator", jobs: Sequence[Dict[str, Any]], out_
 
 def generate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     prompts = read_prompts(args.prompt, args.prompts)
+    model = model_source(args.checkpoint, args.pretrained)
     jobs = [dict(prompt=p, prompt_index=i, seed=args.seed + i * args.images_per_prompt + k, eta_sc=args.eta_sc,
-                 steps=args.steps, guidance=args.guidance)
+                 steps=args.steps, guidance=args.guidance, model=model)
             for i, p in enumerate(prompts) for k in range(args.images_per_prompt)]
     rows, _ = generate_images(build_generator(args), jobs, args.out, args.batch_size,
                               grid_columns=args.images_per_prompt if args.images_per_prompt > 1 else None)

@@ -74,7 +74,9 @@ def test_an_interrupted_generation_resumes_to_the_uninterrupted_files(tmp_path, 
     assert _files(part)[0] == manifest
     np.testing.assert_array_equal(_files(part)[1]["00003.png"], images["00003.png"])
 
-    # Other settings (seeds) in the same directory: nothing is kept.
+    # Other settings (seeds), then another model, in the same directory: nothing is kept.
     assert len(_run(monkeypatch, part, seed=100).prompts) == 6
     rows = [json.loads(line) for line in (part / "manifest.jsonl").read_text().splitlines()]
-    assert [r["seed"] for r in rows] == list(range(100, 106))
+    assert [r["seed"] for r in rows] == list(range(100, 106)) and rows[0]["model"] == "builtin:tiny-random"
+    monkeypatch.setattr(generate, "model_source", lambda checkpoint, pretrained: "/another/model")
+    assert len(_run(monkeypatch, part, seed=100).prompts) == 6

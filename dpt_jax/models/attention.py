@@ -1,4 +1,4 @@
-"""Multi-head attention for the U-Net, VAE, text encoder and adapter: one function, three kernels.
+"""Multi-head attention for the U-Net, VAE, text encoder and adapter: one function, four kernels.
 
 :func:`attention` picks cuDNN's fused kernel on a GPU where it compiles for the shapes, JAX's Pallas
 flash attention for a TPU's self-attentions, and XLA's attention elsewhere;
