@@ -189,7 +189,7 @@ def flops_of(stage: Any) -> float:
 def program_memory_gb(compiled: Any) -> Optional[float]:
     """Device memory a compiled program needs by XLA's buffer assignment (its peak where XLA
     reports one, else arguments + outputs + temporaries - donated): whether a batch fits a chip
-    can be read off a compile, also one made for a GPU on a CPU (``launch/gpu_hlo.py``)."""
+    can be read off a compile, also one made for a GPU on a CPU (``launch/aot_hlo.py``)."""
     stats = compiled.memory_analysis()
     if stats is None:
         return None

@@ -99,7 +99,7 @@ def lora_variables(lora: Params, spec: LoraSpec, dtype: Optional[Any] = None) ->
     instead (``lora_delta``), one batched matmul for all the modules of a shape: the SD-2.1 tune
     step's 128 attention projections come in 6 shapes. Made by each module, the update was a rank-4
     matmul forward and two backward per module, with A and B padded to rank 8 for cuBLAS and the
-    gradients sliced back: compiled for an H100 (``launch/gpu_hlo.py``), batching takes the tune
+    gradients sliced back: compiled for an H100 (``launch/aot_hlo.py``), batching takes the tune
     step from 902 cuBLAS calls to 536 and from 1553 fusions to 1373, small kernels whose launches
     the host could barely keep up with (README, the H200 run), for 0.77 GB more memory traffic
     (the updates written and read back, the kernels' gradients stacked). In bfloat16, ``A B`` is

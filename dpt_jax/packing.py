@@ -10,7 +10,7 @@ while the GPU's work took 60 ms: the host barely kept ahead.
 
 Packed, the small arrays of each dtype travel as one vector: the step unpacks them (slices XLA
 fuses into their readers) and packs the new state (a concatenation). Compiled for an H100
-(``launch/gpu_hlo.py``), the tune step at batch 4 takes 711 arrays instead of 1633, returns 34
+(``launch/aot_hlo.py``), the tune step at batch 4 takes 711 arrays instead of 1633, returns 34
 instead of 956 and runs 285 fewer kernels (the per-array updates), for 0.2 GB more memory traffic
 (the concatenation's copy); the probe step at batch 8: 477 instead of 631, 33 instead of 187,
 44 fewer kernels, 0.13 GB more.

@@ -23,7 +23,7 @@ BATCH_AXES = (DATA, FSDP)  # the batch is split over every device
 # Triton GEMM fusion takes each matmul out of the graph before the cuBLAS rewriter sees it, so the
 # residual add after a matmul (attention's to_out, the feed-forward's net.2, proj_out) stays a pass
 # of its own over the activation; with cuBLAS alone it rides in the matmul's epilogue (C with
-# beta 1). SD-2.1-base compiled for an H100 (launch/gpu_hlo.py): 2.4 GB fewer bytes moved per
+# beta 1). SD-2.1-base compiled for an H100 (launch/aot_hlo.py): 2.4 GB fewer bytes moved per
 # sampling step, 2.0 GB per tune step. The H100 autotuner had picked Triton for under 0.1 ms of a
 # sampling step's matmuls. Other backends ignore GPU options.
 XLA_OPTIONS: Dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
@@ -146,7 +146,7 @@ def compile_with_frozen_layouts(fn: Callable, args: Sequence[Any], frozen_argnum
 
     Why: a GPU convolution wants its kernel [out, h, w, in] in memory. Passed [h, w, in, out], each
     frozen kernel was transposed on every call: 2.26 GB moved per SD-2.1 tune step (an H100
-    compile, ``launch/gpu_hlo.py``), once instead here. The other arguments keep their shardings
+    compile, ``launch/aot_hlo.py``), once instead here. The other arguments keep their shardings
     and default layouts, so they must come with the same shardings on every call (the program
     is compiled once and checks them).
     """

@@ -296,7 +296,7 @@ def hlo_traffic(hlo_text: str, loop_trips: int = 1) -> Dict[str, Any]:
 
     ``memory_bound_gb`` totals the elementwise, reduce and copy kinds: those run at the memory's
     bandwidth, so less of it is less time, where matmuls, convolutions and attention are bound by
-    their arithmetic as much. Compiled for a GPU without one (``launch/gpu_hlo.py``) this shows
+    their arithmetic as much. Compiled for a GPU without one (``launch/aot_hlo.py``) this shows
     what a change does to a program on that GPU before it runs there."""
     computations = _computations(hlo_text)
     inside = {called for instructions in computations.values() for instruction in instructions

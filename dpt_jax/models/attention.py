@@ -29,7 +29,7 @@ CUDNN_KEY_MULTIPLE = 64
 
 
 def on_gpu() -> bool:
-    """Whether programs traced now are for a GPU (``launch/gpu_hlo.py`` says so on a CPU)."""
+    """Whether programs traced now are for a GPU (``launch/aot_hlo.py`` says so on a CPU)."""
     return jax.default_backend() == "gpu"
 
 
