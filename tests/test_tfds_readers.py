@@ -7,6 +7,7 @@ also find them the way a user's prepared data is found: ``tfds.builder(name, dat
 import io
 import logging
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -109,6 +110,15 @@ def _prepare(cls, data_dir, examples, file_format="array_record"):
 
 # Records: example k of coco has 1 + k % 2 captions -> records [0], [1, 2], [3], [4, 5], [6], [7, 8].
 N_CAPTIONS = [1 + k % 2 for k in range(len(COLOURS))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tfds_temporary_files_in_pytests_tree(tmp_path_factory):
+    # tfds makes an empty temporary folder, and leaves it, for every builder made where nothing is
+    # prepared yet (DatasetInfo.initialize_from_bucket): keep those out of the system's /tmp.
+    kept, tempfile.tempdir = tempfile.tempdir, str(tmp_path_factory.mktemp("tfds_tmp"))
+    yield
+    tempfile.tempdir = kept
 
 
 @pytest.fixture(scope="module")
