@@ -18,6 +18,9 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
     c.dtype = "float32"                  # compute dtype: float32 | bfloat16
     c.frozen_dtype = "float32"           # stored dtype of the frozen U-Net, VAE, text encoder
     c.fsdp = 1                           # devices per fsdp group sharding the frozen weights
+    c.remat = False                      # the U-Net recomputes each block in the backward pass: about
+                                         # half the memory for a third more compute, where a batch
+                                         # does not fit otherwise (README, "memory")
 
     c.batch_size = 48                    # global, over all devices and hosts
     c.grad_accum = 1

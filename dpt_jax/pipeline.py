@@ -161,16 +161,18 @@ def _check_layout(path: str) -> None:
 
 
 def load_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    variant: Optional[str] = None) -> StableDiffusion:
+                    variant: Optional[str] = None, remat: bool = False) -> StableDiffusion:
     """Load a local diffusers-format Stable Diffusion directory (SD-1.x or SD-2.x) into Flax.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the stored one. ``variant`` picks
-    ``*.{variant}.safetensors`` files (e.g. "fp16"). Every parameter is loaded or it fails.
+    ``*.{variant}.safetensors`` files (e.g. "fp16"). ``remat``: the U-Net recomputes each block's
+    activations in the backward pass instead of keeping them (training with less memory).
+    Every parameter is loaded or it fails.
     """
     path = resolve_pretrained(path)
     _check_layout(path)
     unet_config = weights.read_json(os.path.join(path, "unet", "config.json"))
-    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, param_dtype=param_dtype)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, param_dtype=param_dtype, remat=remat)
     vae = AutoencoderKL(VAEConfig.from_file(os.path.join(path, "vae", "config.json")),
                         dtype=dtype, param_dtype=param_dtype)
     text = CLIPTextModel(CLIPTextConfig.from_file(os.path.join(path, "text_encoder", "config.json")),

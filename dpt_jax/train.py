@@ -303,7 +303,8 @@ class Trainer:
                              f"micro-batches over {parallel.num_batch_shards(self.mesh)} devices")
         self.steps_per_call = check_steps_per_call(config)
         param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("frozen_dtype", "float32")]
-        self.sd = load_pretrained(config.pretrained, dtype=compute_dtype(config), param_dtype=param_dtype)
+        self.sd = load_pretrained(config.pretrained, dtype=compute_dtype(config), param_dtype=param_dtype,
+                                  remat=config.remat)
         self.objective = build_objective(config, self.sd)
         self.schedule = learning_rate(config)
         self.optimizer = make_optimizer(config)
