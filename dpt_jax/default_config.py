@@ -19,8 +19,8 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
     c.frozen_dtype = "float32"           # stored dtype of the frozen U-Net, VAE, text encoder
     c.fsdp = 1                           # devices per fsdp group sharding the frozen weights
     c.remat = False                      # the U-Net recomputes each block in the backward pass: about
-                                         # half the memory for a third more compute, where a batch
-                                         # does not fit otherwise (README, "memory")
+                                         # half the memory for ~30% more work, where a batch does not
+                                         # fit otherwise (the README's "Memory")
 
     c.batch_size = 48                    # global, over all devices and hosts
     c.grad_accum = 1
@@ -53,8 +53,8 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(itm=1.0, rec=1.0, mse=1.0, kl=1e-6, min_snr_gamma=ml_collections.FieldReference(
         None, field_type=float)))
     if stage == "tune":
-        c.batch_size = 64                # 8 per GPU x 8 GPUs in the official run...
-        c.grad_accum = 8                 # ...with 8 accumulation steps
+        c.batch_size = 64                # the recipe's 8 per GPU x 8 accumulation steps, on one GPU (the
+        c.grad_accum = 8                 # configs/tune_sd*.py recipes: the official 8 GPUs, 512 a step)
         c.num_steps = 5000
         c.optim.schedule = "cosine"
     return c

@@ -12,7 +12,7 @@ from dpt_jax import checkpoints
 from dpt_jax.default_config import load_config_file, tiny
 from dpt_jax.evaluate import evaluate_discriminative
 from dpt_jax.metrics import read_metrics
-from dpt_jax.train import build_objective, load_trained, make_dataset, train
+from dpt_jax.train import STAGES, build_objective, check_steps_per_call, load_trained, make_dataset, train
 from dpt_jax.testing import cpu_process_env, row_moves, with_hlo_dump
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,3 +290,15 @@ def test_programs_are_compiled_with_the_xla_options():
     assert parallel.XLA_OPTIONS == default
     with pytest.raises(Exception, match="xla_no_such_option"):  # the options as they were when jitted
         unknown(x)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py")))
+def test_config_files_load_and_their_batches_split(name):
+    # The recipes' steps hold the official global batch and split over the official 8 GPUs' worth of
+    # devices; the small configs over this machine's one.
+    c = load_config_file(os.path.join(REPO, "configs", name))
+    recipe = name.startswith(("probe_sd", "tune_sd"))
+    assert c.stage in STAGES and check_steps_per_call(c) == c.steps_per_call
+    assert c.batch_size % (c.grad_accum * (8 if recipe else 1)) == 0, (c.batch_size, c.grad_accum)
+    if recipe:
+        assert c.batch_size == {"probe": 48 * 8, "tune": 8 * 8 * 8}[c.stage] and c.dtype == "bfloat16"
