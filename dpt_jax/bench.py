@@ -186,19 +186,6 @@ def flops_of(stage: Any) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def program_memory_gb(compiled: Any) -> Optional[float]:
-    """Device memory a compiled program needs by XLA's buffer assignment (its peak where XLA
-    reports one, else arguments + outputs + temporaries - donated): whether a batch fits a chip
-    can be read off a compile, also one made for a GPU on a CPU (``launch/aot_hlo.py``)."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return None
-    peak = getattr(stats, "peak_memory_in_bytes", 0) or (
-        stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes)
-    return float(f"{peak / 1e9:.4g}")
-
-
 def looped_flops(compiled: Any, hlo_text: str, trips: int) -> float:
     """:func:`flops_of` a compiled program whose loop runs ``trips`` times: XLA's cost analysis
     counts a loop's body once, so it is scaled where a loop remains in the program."""
@@ -382,7 +369,7 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
     line = report(base, f"{stage}_step", batch, "samples_per_s", per_step, compile_s, flops / k,
                   chip_peak(sd.unet.dtype), 1, steps_per_call=k,
                   xla_tflop=_tflop(looped_flops(step, step.as_text() if k > 1 else "", k) / k),
-                  memory_gb=program_memory_gb(step))
+                  memory_gb=profiling.program_memory_gb(step))
     profile(run, step.as_text, args, line)
     return line
 
@@ -399,7 +386,7 @@ def measure_sample(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
     timing = time_runs(lambda: sample(*call_args), args.iters, args.warmup)
     line = report(base, "sample", batch, "images_per_s", timing, compile_s, flops, chip_peak(sd.unet.dtype),
                   cache_size(sample), eta=eta, steps=args.steps, xla_tflop=_tflop(xla_flops),
-                  memory_gb=program_memory_gb(compiled))
+                  memory_gb=profiling.program_memory_gb(compiled))
     profile(lambda: sample(*call_args), lambda: hlo_text, args, line)
     return line
 

@@ -284,6 +284,19 @@ def _loop_depths(computations: Dict[str, List[_Instruction]]) -> Dict[str, int]:
     return {computation: depth(computation) for computation in computations}
 
 
+def program_memory_gb(compiled: Any) -> Optional[float]:
+    """Device memory a compiled program needs by XLA's buffer assignment (its peak where XLA
+    reports one, else arguments + outputs + temporaries - donated): whether a batch fits a chip
+    can be read off a compile, also one made for a GPU on a CPU (``launch/aot_hlo.py``)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    peak = getattr(stats, "peak_memory_in_bytes", 0) or (
+        stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes)
+    return float(f"{peak / 1e9:.4g}")
+
+
 def hlo_traffic(hlo_text: str, loop_trips: int = 1) -> Dict[str, Any]:
     """What an optimised HLO module moves through memory, read off the HLO alone (no device, no
     run): the executed instructions (those of the entry computation and of loop bodies, not the

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpt_jax import checkpoints, parallel
+from dpt_jax import checkpoints, parallel, profiling
 from dpt_jax.data import batches, sources
 from dpt_jax.data.prefetch import Prefetcher
 from dpt_jax.lora import LoraSpec, init_lora
@@ -291,6 +292,17 @@ def make_dataset(config: ml_collections.ConfigDict, split: str) -> Any:
     return sources.make_dataset(config.data, split)
 
 
+def out_of_memory_advice(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> str:
+    """What to change when a train step does not fit a device: its share of a micro-batch."""
+    devices = parallel.num_batch_shards(mesh)
+    share = config.batch_size // (config.grad_accum * devices)
+    remat = ", set --config.remat=True (about half the memory)" if (
+        config.stage in ("tune", "pretrain") and not config.remat) else ""
+    return (f"the {config.stage} step does not fit a device's memory with {share} samples a device "
+            f"(batch_size={config.batch_size} in grad_accum={config.grad_accum} micro-batches on {devices} "
+            f"device{'s' if devices > 1 else ''}): raise --config.grad_accum{remat} or lower --config.batch_size")
+
+
 class Trainer:
     """Everything a run holds: model, mesh, jitted step, checkpoints and metric writers."""
 
@@ -330,12 +342,26 @@ class Trainer:
         batch of :meth:`local_batch`; metrics have a row per step. The first call compiles
         it, the frozen weights' layout left to XLA (``parallel.compile_with_frozen_layouts``), and
         lays ``self.frozen`` out so; the program then runs as compiled, no retracing."""
-        if self._compiled_step is None:
-            replicated = parallel.replicated(self.mesh)
-            self._compiled_step, self.frozen = parallel.compile_with_frozen_layouts(
-                self._step_fn, (state, self.frozen, batch), frozen_argnum=1, donate_argnums=(0,),
-                out_shardings=(replicated, replicated))
-        return self._compiled_step(state, self.frozen, batch)
+        try:
+            if self._compiled_step is None:
+                self._compile(state, batch)
+            return self._compiled_step(state, self.frozen, batch)
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            raise MemoryError(f"{out_of_memory_advice(self.config, self.mesh)}. XLA: "
+                              f"{str(error).strip().splitlines()[0][:400]}") from error
+
+    def _compile(self, state: Packed, batch: Dict[str, jax.Array]) -> None:
+        replicated = parallel.replicated(self.mesh)
+        self._compiled_step, self.frozen = parallel.compile_with_frozen_layouts(
+            self._step_fn, (state, self.frozen, batch), frozen_argnum=1, donate_argnums=(0,),
+            out_shardings=(replicated, replicated))
+        memory_gb = profiling.program_memory_gb(self._compiled_step)
+        if memory_gb is not None and jax.process_index() == 0:
+            from tqdm import tqdm  # a line clear of the progress bar (the CLI silences INFO logs)
+            tqdm.write(f"dpt-jax: the {self.config.stage} step compiled: {memory_gb:.3g} GB of device memory "
+                       "a device (XLA's buffer assignment)", file=sys.stderr)
 
     def initial_state(self) -> TrainState:
         state = parallel.replicate(init_state(self.config, self.sd, self.objective, self.optimizer), self.mesh)

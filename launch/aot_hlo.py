@@ -146,7 +146,8 @@ def main() -> None:
         compiled = jitted.lower(*abstract).compile()
         hlo = compiled.as_text()
         line = dict(what="aot_hlo", target=args.target, chips=mesh.size, measurement=name, jax=jax.__version__,
-                    remat=args.remat, triton_gemm=args.triton_gemm, memory_gb=bench.program_memory_gb(compiled),
+                    remat=args.remat, triton_gemm=args.triton_gemm,
+                    memory_gb=profiling.program_memory_gb(compiled),
                     compile_s=round(time.perf_counter() - start, 1), per="step" if loop_trips > 1 else "call")
         if on_gpu:
             line.update(profiling.hlo_traffic(hlo, loop_trips))

@@ -302,3 +302,27 @@ def test_config_files_load_and_their_batches_split(name):
     assert c.batch_size % (c.grad_accum * (8 if recipe else 1)) == 0, (c.batch_size, c.grad_accum)
     if recipe:
         assert c.batch_size == {"probe": 48 * 8, "tune": 8 * 8 * 8}[c.stage] and c.dtype == "bfloat16"
+
+
+def test_a_step_out_of_device_memory_says_what_to_change(tmp_path, monkeypatch):
+    from dpt_jax import parallel
+    from dpt_jax.train import Trainer
+
+    def compile_out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                                         "for HLO temporaries (36.11G) exceeds available HBM (15.75G).\nmore")
+    monkeypatch.setattr(parallel, "compile_with_frozen_layouts", compile_out_of_memory)
+    trainer = Trainer(_small("tune", batch_size=8, grad_accum=2), str(tmp_path))
+    with pytest.raises(MemoryError, match=r"the tune step does not fit a device's memory with 4 samples a device "
+                       r"\(batch_size=8 in grad_accum=2 micro-batches on 1 device\): raise --config.grad_accum, "
+                       r"set --config.remat=True .* XLA: RESOURCE_EXHAUSTED: .*\(15.75G\)\.$"):
+        trainer.step(None, None)
+    trainer.config.remat = True  # already on: no longer offered
+    with pytest.raises(MemoryError, match=r"grad_accum or lower --config.batch_size"):
+        trainer.step(None, None)
+
+    def compile_fails(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    monkeypatch.setattr(parallel, "compile_with_frozen_layouts", compile_fails)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        trainer.step(None, None)
