@@ -25,7 +25,9 @@ the device's work), recompiles (XLA compiles during the timed runs: 0) and cache
 (executables of the jitted function: 1; a train step is compiled ahead of time, as the trainer's,
 the frozen weights' layout left to XLA: one executable by construction); a train measurement's
 steps_per_call (``--steps-per-call K``: K steps in one compiled call, as ``config.steps_per_call``;
-its times, flops and samples per second are per step).
+its times, flops and samples per second are per step) and remat (``--remat``: the U-Net recomputes
+its blocks in the backward pass, as ``config.remat``; tflop and mfu count the model's flops without
+the recomputation, xla_tflop and memory_gb are the program's).
 With ``--profile DIR`` each measurement is followed by a "profile" line (``dpt_jax.profiling``:
 where the device time of one more run goes) and its trace and HLO in DIR.
 
@@ -33,6 +35,7 @@ where the device time of one more run goes) and its trace and HLO in DIR.
     python -m dpt_jax.bench --tiny                               # tiny shapes, CPU, ~1 min
     python -m dpt_jax.bench --what tune --batch 4 --profile /tmp/profile
     python -m dpt_jax.bench --what tune --batch 4 --steps-per-call 4  # 4 steps per compiled call
+    python -m dpt_jax.bench --what tune --batch 16 --remat             # recompute the U-Net's blocks
     python -m dpt_jax.bench --what attention --batch 16                # the kernel alone
     python -m dpt_jax.bench --what tune,sample --attention-implementation pallas_mgpu
     python -m dpt_jax.bench --what tune,sample --triton-gemm         # XLA's Triton matmuls on a GPU
@@ -324,12 +327,18 @@ def step_program(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dt
     """The train call of ``stage`` as the trainer runs it (``steps_per_call`` steps of ``batch``)
     and its arguments (packed state, frozen U-Net, random batches)."""
     config = stage_config(stage, shapes, batch, dtype)
-    obj = build_objective(config, sd)
-    optimizer = make_optimizer(config)
-    state = init_state(config, sd, obj, optimizer)
+    state = init_state(config, sd, build_objective(config, sd), make_optimizer(config))
     data = train_batch(np.random.default_rng(seed + 1), batch * steps_per_call, shapes, sd.unet.dtype)
-    step_fn = packed_step_function(obj, optimizer, learning_rate(config), 1, steps_per_call)
+    step_fn = step_function(sd, shapes, stage, batch, dtype, steps_per_call)
     return step_fn, (PackLayout.of(state).pack(state), {"unet": sd.unet_params}, data)
+
+
+def step_function(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, dtype: str,
+                  steps_per_call: int = 1) -> Callable:
+    """The trainer's packed train call of ``stage``: ``steps_per_call`` steps of ``batch``."""
+    config = stage_config(stage, shapes, batch, dtype)
+    return packed_step_function(build_objective(config, sd), make_optimizer(config), learning_rate(config), 1,
+                                steps_per_call)
 
 
 def sample_program(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, dtype: str, seed: int,
@@ -349,10 +358,13 @@ def sample_program(sd: StableDiffusion, shapes: Shapes, eta: float, batch: int, 
 def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, args: argparse.Namespace,
                  base: Dict[str, Any]) -> Dict[str, Any]:
     """One jitted train step of ``stage`` (state donated, as in the trainer), timed: with
-    ``--steps-per-call`` k, a call of k steps timed and its times and flops divided by k."""
+    ``--steps-per-call`` k, a call of k steps timed and its times and flops divided by k; with
+    ``--remat`` the U-Net recomputes its blocks in the backward pass (``config.remat``)."""
     k = args.steps_per_call
-    step_fn, (state, frozen, data) = step_program(sd, shapes, stage, batch, args.dtype, args.seed, k)
-    flops = model_flops(step_fn, (state, frozen, data))
+    trained_sd = dataclasses.replace(sd, unet=sd.unet.clone(remat=args.remat))
+    step_fn, (state, frozen, data) = step_program(trained_sd, shapes, stage, batch, args.dtype, args.seed, k)
+    # Counted without remat: its recomputed forward is more work for less memory, not model flops.
+    flops = model_flops(step_function(sd, shapes, stage, batch, args.dtype, k), (state, frozen, data))
     t0 = time.perf_counter()
     step, frozen = parallel.compile_with_frozen_layouts(step_fn, (state, frozen, data), frozen_argnum=1,
                                                         donate_argnums=(0,))
@@ -367,7 +379,7 @@ def measure_step(sd: StableDiffusion, shapes: Shapes, stage: str, batch: int, ar
     # Compiled ahead of time, as the trainer's step: one executable, which raises on arguments it
     # was not compiled for rather than recompiling (``recompiles`` counts any compile while timing).
     line = report(base, f"{stage}_step", batch, "samples_per_s", per_step, compile_s, flops / k,
-                  chip_peak(sd.unet.dtype), 1, steps_per_call=k,
+                  chip_peak(sd.unet.dtype), 1, steps_per_call=k, remat=args.remat,
                   xla_tflop=_tflop(looped_flops(step, step.as_text() if k > 1 else "", k) / k),
                   memory_gb=profiling.program_memory_gb(step))
     profile(run, step.as_text, args, line)
@@ -457,6 +469,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
     parser.add_argument("--steps-per-call", type=int, default=1, help="train steps per compiled call "
                         "(config.steps_per_call); times are per step")
+    parser.add_argument("--remat", action="store_true", help="train steps: the U-Net recomputes its blocks in the "
+                        "backward pass (config.remat): less memory, more work; mfu counts the model's flops without "
+                        "the recomputation")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and frozen dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, CI)")

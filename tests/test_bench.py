@@ -180,3 +180,20 @@ def test_steps_per_call_reports_per_step_figures(bench_in_process):
     assert abs(line["samples_per_s"] * line["median_s"] - 2) < 1e-3 * 2  # batch 2 per step
     # The program's memory holds at least its arguments (one step's batch here, two steps' there).
     assert sum(x.nbytes for x in jax.tree.leaves(args)) <= line["memory_gb"] * 1e9 * 1.001, line
+
+
+def test_remat_step_counts_the_model_flops_once(bench_in_process):
+    # --remat: the program recomputes the U-Net's blocks (XLA counts that work: its count is at least
+    # the remat jaxpr's), while tflop and mfu count the model's flops, the plain step's.
+    import dataclasses
+    import jax.numpy as jnp
+    from dpt_jax import bench
+    (line,) = bench_in_process(["--tiny", "--what", "tune", "--batch", "2", "--iters", "1", "--remat"])
+    shapes = bench.bench_shapes(True)
+    sd = bench.bench_sd(shapes, jnp.bfloat16)
+    remat_fn, args = bench.step_program(dataclasses.replace(sd, unet=sd.unet.clone(remat=True)), shapes, "tune",
+                                        2, "bfloat16", 0)
+    plain = bench.model_flops(bench.step_function(sd, shapes, "tune", 2, "bfloat16"), args)
+    recomputed = bench.model_flops(remat_fn, args)
+    assert line["remat"] and line["recompiles"] == 0
+    assert line["tflop"] == bench._tflop(plain) < bench._tflop(recomputed) <= line["xla_tflop"], (line, recomputed)
