@@ -106,9 +106,9 @@ def make_generator(models: SamplingModels, steps: int = 50, guidance: float = 7.
                      adapter_params=models.adapter_params, latent_size=latent_size, negative_prompt=negative_prompt)
 
 
-def build_generator(args: argparse.Namespace) -> Generator:
-    return make_generator(load_sampling_models(args.checkpoint, args.pretrained), args.steps, args.guidance,
-                          args.eta_sc, args.sc_start, args.sc_end, args.latent_size, args.negative_prompt)
+def build_generator(args: argparse.Namespace, models: SamplingModels) -> Generator:
+    return make_generator(models, args.steps, args.guidance, args.eta_sc, args.sc_start, args.sc_end,
+                          args.latent_size, args.negative_prompt)
 
 
 def image_name(index: int) -> str:
@@ -183,11 +183,12 @@ def generate_images(generator: "Generator", jobs: Sequence[Dict[str, Any]], out_
 
 def generate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     prompts = read_prompts(args.prompt, args.prompts)
-    model = model_source(args.checkpoint, args.pretrained)
+    # The manifest names the weights loaded: a workdir's newest step is read once.
+    models = load_sampling_models(args.checkpoint, args.pretrained)
     jobs = [dict(prompt=p, prompt_index=i, seed=args.seed + i * args.images_per_prompt + k, eta_sc=args.eta_sc,
-                 steps=args.steps, guidance=args.guidance, model=model)
+                 steps=args.steps, guidance=args.guidance, model=models.source)
             for i, p in enumerate(prompts) for k in range(args.images_per_prompt)]
-    rows, _ = generate_images(build_generator(args), jobs, args.out, args.batch_size,
+    rows, _ = generate_images(build_generator(args, models), jobs, args.out, args.batch_size,
                               grid_columns=args.images_per_prompt if args.images_per_prompt > 1 else None)
     return rows
 

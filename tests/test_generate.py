@@ -1,5 +1,6 @@
 """``dpt-jax generate``'s files: an interrupted run, rerun on the same directory, ends with the
 files of an uninterrupted one and samples only what was missing."""
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 from dpt_jax import generate
 
 PROMPTS = ["a red square", "two blue circles", "a green triangle"]
-_generator = None
+_models = _generator = None
 
 
 def _args(out, seed=0):
@@ -35,12 +36,14 @@ class Counting:
         return self.generator(prompts, seeds)
 
 
-def _run(monkeypatch, out, stop_after=None, seed=0):
-    global _generator
+def _run(monkeypatch, out, stop_after=None, seed=0, models=None):
+    global _models, _generator
     if _generator is None:  # one model and compiled sampler for every run (they differ by seeds only)
-        _generator = generate.build_generator(_args(out, seed))
+        _models = generate.load_sampling_models(pretrained="builtin:tiny-random")
+        _generator = generate.build_generator(_args(out, seed), _models)
     counting = Counting(_generator, stop_after)
-    monkeypatch.setattr(generate, "build_generator", lambda args: counting)
+    monkeypatch.setattr(generate, "load_sampling_models", lambda checkpoint, pretrained: models or _models)
+    monkeypatch.setattr(generate, "build_generator", lambda args, models: counting)
     generate.generate(_args(out, seed))
     return counting
 
@@ -78,5 +81,5 @@ def test_an_interrupted_generation_resumes_to_the_uninterrupted_files(tmp_path, 
     assert len(_run(monkeypatch, part, seed=100).prompts) == 6
     rows = [json.loads(line) for line in (part / "manifest.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == list(range(100, 106)) and rows[0]["model"] == "builtin:tiny-random"
-    monkeypatch.setattr(generate, "model_source", lambda checkpoint, pretrained: "/another/model")
-    assert len(_run(monkeypatch, part, seed=100).prompts) == 6
+    another = dataclasses.replace(_models, source="/another/model")
+    assert len(_run(monkeypatch, part, seed=100, models=another).prompts) == 6
