@@ -169,13 +169,33 @@ def test_refexp_fields_box_and_negatives(tmp_path, images):
     assert smp["expression_box"].dtype == np.float32
     assert smp["expression_positive_chars"] == [(4, 11)]
     assert smp["image"].shape == (S, S, 3) and smp["image"].dtype == np.uint8
-    # Hard-negative caption: the other object's expression in the same image.
-    assert smp["neg_caption"] == "blue man"
-    # No same-image alternative: a random other expression; missing spans: the whole expression.
+    # ITM negatives come from other images: the image's other objects are in it too.
+    for i in (0, 1):
+        assert ds[i]["neg_caption"] == "green dog" and ds[i]["rand_index"] == 2
+        assert _colour_of(ds[i]["neg_image"]) == _colour_of(ds[i]["rand_image"]) == COLOURS[1]
     assert ds[2]["neg_caption"] in ("the red car on the left", "blue man")
+    # Missing spans: the whole expression.
     assert ds[1]["expression_positive_chars"] == [(0, len("blue man"))]
     np.testing.assert_allclose(ds[1]["expression_box"], [0.75, 0.5, 0.5, 1.0])
     assert xywh_to_cxcywh([0, 0, 40, 30], 40, 30) == (0.5, 0.5, 1.0, 1.0)
+
+
+def test_refexp_records_of_an_image_are_kept_together(tmp_path, images):
+    # An image's expressions, wherever they stand in the file, never serve as its negatives.
+    root, names = images
+    data = _refexp(names)
+    data["images"] = [data["images"][k] for k in (0, 2, 1)]  # img0, img1, img0
+    path = tmp_path / "refexp.json"
+    path.write_text(json.dumps(data))
+    ds = RefExpJSON(str(path), str(root), image_size=S)
+    assert [r.caption for r in ds.records] == ["the red car on the left", "blue man", "green dog"]
+    for seed in range(4):
+        draws = RefExpJSON(str(path), str(root), image_size=S, seed=seed).batch([0, 1], draws=[seed, seed])
+        assert draws["neg_caption"] == ["green dog"] * 2 and draws["rand_index"].tolist() == [2, 2]
+    one_image = dict(data, images=[e for e in data["images"] if e["file_name"] == names[0]])
+    path.write_text(json.dumps(one_image))
+    with pytest.raises(ValueError, match="2 record.* showing 1 image.*need at least 2 images"):
+        RefExpJSON(str(path), str(root))
 
 
 def test_refexp_malformed_names_entry(tmp_path, images):
@@ -228,6 +248,9 @@ def test_jsonl_defaults_and_errors(tmp_path, images):
         JsonlDataset(str(path), str(root))
     path.write_text(json.dumps(recs[0]) + "\n" + json.dumps({**recs[1], "box": [1, 2]}) + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl:2: 'box'"):
+        JsonlDataset(str(path), str(root))
+    path.write_text(json.dumps(recs[0]) + "\n" + json.dumps({**recs[1], "box": [8, 4, 16, 24]}) + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: 'box' \[8\.0, 4\.0, 16\.0, 24\.0\] is not normalised"):
         JsonlDataset(str(path), str(root))
 
 
@@ -316,3 +339,28 @@ def test_make_batch_reads_reader_batches(tmp_path, images):
         # REC rows mark their spans' tokens; ITM-only rows mark none (masked via has_rec).
         marked = batch["expression_positive"].any(axis=1).tolist()
         assert marked == ([False, False] if ds is itm else [True, True])
+
+
+def test_negatives_are_drawn_afresh_each_epoch(tmp_path, images, monkeypatch):
+    # The official loader draws a row's negatives at every read; here the trainer passes each
+    # sample's epoch as its draw: draw 0 is ds[i], later epochs draw again, each draw repeatable.
+    from dpt_jax.data import batches
+    root, names = images
+    rows = [[k, f"caption {k}", name, repr([f"neg {k} {j}" for j in range(5)]), repr([])]
+            for k, name in enumerate(names)]
+    ds = HardNegativeTSV(_write_tsv(tmp_path / "t.tsv", rows), str(root), image_size=S)
+    reads = []  # (record, epoch, neg_caption, rand_index) of every sample the trainer reads
+    monkeypatch.setattr(batches, "make_batch", lambda samples, tokenizer: samples)
+    n, global_batch = len(ds), 4
+    for step in range(4 * n // global_batch):  # four epochs
+        samples = batches.batch_at(ds, None, step, global_batch, seed=0)
+        epochs = samples["sample_id"] // n
+        reads += zip(samples["index"].tolist(), epochs.tolist(), samples["neg_caption"],
+                     samples["rand_index"].tolist())
+    assert sorted(e for _, e, _, _ in reads) == [e for e in range(4) for _ in range(n)]
+    for record in range(n):
+        draws = [(neg, rand) for r, _, neg, rand in reads if r == record]
+        assert draws[0] == (ds[record]["neg_caption"], ds[record]["rand_index"])  # epoch 0: draw 0
+        assert len(set(draws)) > 1, (record, draws)
+    again = ds.batch([2, 2], draws=[3, 3])
+    assert again["neg_caption"][0] == again["neg_caption"][1] == ds.batch([2], draws=[3])["neg_caption"][0]

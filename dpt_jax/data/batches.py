@@ -16,14 +16,19 @@ IMAGE_KEYS = ("image", "neg_image", "rand_image")
 TEXT_KEYS = ("caption", "neg_caption", "rand_caption", "expression")
 
 
+def stream_positions(step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """This host's rows of the global batch at ``step`` as positions in the run's stream of samples."""
+    local = global_batch // process_count
+    start = step * global_batch + process_index * local
+    return np.arange(start, start + local)
+
+
 def sample_indices(step: int, global_batch: int, dataset_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> np.ndarray:
     """This host's rows of the global batch at ``step``: a fresh permutation each epoch."""
-    local = global_batch // process_count
-    start = step * global_batch + process_index * local
-    positions = np.arange(start, start + local)
+    positions = stream_positions(step, global_batch, process_index, process_count)
     epochs = positions // dataset_size
-    out = np.empty(local, np.int64)
+    out = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs):
         perm = np.random.default_rng([seed, int(epoch)]).permutation(dataset_size)
         rows = epochs == epoch
@@ -53,11 +58,12 @@ def make_batch(samples: Dict[str, Any], tokenizer: Tokenizer) -> Dict[str, np.nd
 def batch_at(dataset: Any, tokenizer: Tokenizer, step: int, global_batch: int, seed: int,
              process_index: int = 0, process_count: int = 1) -> Dict[str, np.ndarray]:
     indices = sample_indices(step, global_batch, len(dataset), seed, process_index, process_count)
-    batch = make_batch(dataset.batch(indices), tokenizer)
-    local = global_batch // process_count
+    positions = stream_positions(step, global_batch, process_index, process_count)
+    # Drawn by epoch: a record's negatives differ from one epoch to the next.
+    batch = make_batch(dataset.batch(indices, draws=positions // len(dataset)), tokenizer)
     # The sample's position in the stream seeds its noise and timestep, so results do not
     # depend on the device count, the host count or the micro-batch split.
-    batch["sample_id"] = np.arange(local, dtype=np.int32) + step * global_batch + process_index * local
+    batch["sample_id"] = positions.astype(np.int32)
     return batch
 
 

@@ -13,12 +13,14 @@ sample dict of :class:`dpt_jax.data.shapes.ShapesDataset` (the layout ``batches.
   the whole image and the spans empty, so the batch stays well formed; the REC loss should be
   masked with ``has_rec`` for such rows.
 
-Sampling (deterministic in (seed, index), independent of access order):
+Sampling (deterministic in (seed, index, draw), independent of access order; the trainer's draw
+is the sample's epoch, so a record's negatives are drawn afresh every epoch):
 - hard-negative caption / image: a random one of the record's own; when the record has none, a
   random other record's caption (preferring one that differs) / image.
 - random caption and image: those of one random other record.
-- "other record" excludes the record itself and, for readers with one record per caption of an
-  image (``tfds_readers``), the image's other records (``RecordDataset._same_image``).
+- "other record" excludes every record of the same image: the records next to it that name the
+  same image (``RecordDataset._same_image``; readers with several records an image keep them
+  together), whose captions are true of the image.
 
 Bad images: an image that is missing or unreadable is logged (once, naming the file) and counted
 in ``bad_images``. When it is the sample's own image the sample is replaced by the next record
@@ -39,7 +41,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from PIL import Image
 
-from dpt_jax.data.shapes import ThreadedBatches
+from dpt_jax.data.shapes import ThreadedBatches, draw_entropy
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,15 @@ class RecordDataset(ThreadedBatches):
     def __init__(self, records: Sequence[Record], image_root: str, image_size: int = 512,
                  seed: int = 0, max_bad_fraction: float = 0.01, min_images_seen: int = 100,
                  source: str = "<records>", threads: int = 0):
-        if len(records) < 2:
-            raise ValueError(f"{source}: need at least 2 records (negatives come from other records)")
         self.records = list(records)
+        # Runs of records naming one image: record i's is [bounds[run_of[i]], bounds[run_of[i] + 1]).
+        new_run = np.r_[True, [a.image != b.image for a, b in zip(self.records, self.records[1:])]].astype(bool)
+        self._run_of = np.cumsum(new_run) - 1
+        self._run_bounds = np.r_[np.flatnonzero(new_run), len(self.records)]
+        images = len(self._run_bounds) - 1 if self.records else 0
+        if images < 2:
+            raise ValueError(f"{source}: {len(self.records)} record(s) showing {images} image(s); need at least "
+                             "2 images (negatives come from other images)")
         self.image_root, self.image_size, self.seed = image_root, int(image_size), int(seed)
         self.max_bad_fraction, self.min_images_seen = float(max_bad_fraction), int(min_images_seen)
         self.source = source
@@ -99,8 +107,8 @@ class RecordDataset(ThreadedBatches):
     def images_seen(self) -> int:
         return len(self._seen)
 
-    def _rng(self, i: int, purpose: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([self.seed, i, purpose]))
+    def _rng(self, i: int, purpose: int, draw: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, i, purpose] + draw_entropy(draw)))
 
     def _index(self, i: int) -> int:
         n = len(self)
@@ -157,12 +165,11 @@ class RecordDataset(ThreadedBatches):
     # ------------------------------------------------------------------ sampling
 
     def _same_image(self, i: int) -> range:
-        """Records never drawn as record i's negatives or random other: i itself here.
-
-        Readers whose records of one image are contiguous (one record per caption) return the
-        whole run, so that a "negative" never shows record i's own image or one of its captions.
-        """
-        return range(i, i + 1)
+        """Records never drawn as record i's negatives or random other: the run of records
+        around i that name its image, so that a "negative" never shows record i's own image or
+        one of its other captions (which are true of it)."""
+        run = self._run_of[i]
+        return range(int(self._run_bounds[run]), int(self._run_bounds[run + 1]))
 
     def _others_from(self, i: int, start: int) -> Iterator[int]:
         """Records outside ``_same_image(i)``, cyclically from ``start`` (lazy: usually one is read)."""
@@ -175,11 +182,11 @@ class RecordDataset(ThreadedBatches):
         j = int(rng.integers(len(self) - len(own)))
         return j + len(own) if j >= own.start else j
 
-    def _random_other(self, i: int, purpose: int) -> int:
-        return self._draw_other(i, self._rng(i, purpose))
+    def _random_other(self, i: int, purpose: int, draw: int) -> int:
+        return self._draw_other(i, self._rng(i, purpose, draw))
 
-    def _neg_caption(self, i: int) -> str:
-        rec, rng = self.records[i], self._rng(i, _NEG_CAPTION)
+    def _neg_caption(self, i: int, draw: int) -> str:
+        rec, rng = self.records[i], self._rng(i, _NEG_CAPTION, draw)
         if rec.neg_captions:
             return rec.neg_captions[int(rng.integers(len(rec.neg_captions)))]
         j = i
@@ -189,19 +196,19 @@ class RecordDataset(ThreadedBatches):
                 break
         return self.records[j].caption
 
-    def _neg_image(self, i: int) -> np.ndarray:
-        rec, rng = self.records[i], self._rng(i, _NEG_IMAGE)
+    def _neg_image(self, i: int, draw: int) -> np.ndarray:
+        rec, rng = self.records[i], self._rng(i, _NEG_IMAGE, draw)
         own = [rec.neg_images[int(k)] for k in rng.permutation(len(rec.neg_images))]
         found = self._first_good(own)
         if found is None:  # no (readable) hard negative: a random other record's image
-            found = self._first_good(self._others_from(i, self._random_other(i, _NEG_IMAGE)))
+            found = self._first_good(self._others_from(i, self._random_other(i, _NEG_IMAGE, draw)))
         if found is None:
             raise RuntimeError(f"{self.source}: no readable image for a negative of record {i}")
         return found[1]
 
-    def _sample(self, i: int, image: np.ndarray) -> dict:
+    def _sample(self, i: int, image: np.ndarray, draw: int) -> dict:
         rec = self.records[i]
-        found = self._first_good(self._others_from(i, self._random_other(i, _RAND)))
+        found = self._first_good(self._others_from(i, self._random_other(i, _RAND, draw)))
         if found is None:
             raise RuntimeError(f"{self.source}: no readable image besides record {i}")
         j, rand_image = found
@@ -212,8 +219,8 @@ class RecordDataset(ThreadedBatches):
             "image_path": self._path(i),
             "image": image,
             "caption": rec.caption,
-            "neg_caption": self._neg_caption(i),
-            "neg_image": self._neg_image(i),
+            "neg_caption": self._neg_caption(i, draw),
+            "neg_image": self._neg_image(i, draw),
             "rand_index": int(j),
             "rand_caption": self.records[j].caption,
             "rand_image": rand_image,
@@ -223,7 +230,7 @@ class RecordDataset(ThreadedBatches):
             "has_rec": has_rec,
         }
 
-    def __getitem__(self, i: int) -> dict:
+    def sample(self, i: int, draw: int = 0) -> dict:
         """Sample i, or the next record whose image reads (``index`` names the one used)."""
         i = self._index(i)
         n = len(self)
@@ -231,7 +238,7 @@ class RecordDataset(ThreadedBatches):
             r = (i + k) % n
             image = self.load_image(r)
             if image is not None:
-                return self._sample(r, image)
+                return self._sample(r, image, draw)
         raise RuntimeError(f"{self.source}: no record has a readable image")
 
 
@@ -353,11 +360,11 @@ def _refexp_record(entry: Any, anns: List[dict], where: str) -> Record:
 
 
 def read_refexp_json(json_path: str) -> List[Record]:
-    """Parse MDETR's refexp JSON; malformed entries name ``images[k]``.
+    """Parse MDETR's refexp JSON; malformed entries name ``images[k]``. The records come grouped by
+    image (in the order of each image's first entry), so that ``_same_image`` knows them.
 
-    ITM negatives (REC data has none): the hard-negative captions of an expression are the
-    expressions of other objects (other boxes) in the same image; without one, the sampler uses a
-    random other expression. Negative images are random other records' images.
+    ITM negatives (REC data has none): random expressions and images of other images. Not the
+    expressions of the image's other objects: ITM matches the whole image, which they describe too.
     """
     with open(json_path, encoding="utf-8") as f:
         try:
@@ -372,25 +379,12 @@ def read_refexp_json(json_path: str) -> List[Record]:
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise ValueError(f"{json_path}: annotations[{k}]: missing image_id")
         by_image.setdefault(ann["image_id"], []).append(ann)
-    records = []
+    by_file: Dict[str, List[Record]] = {}
     for k, entry in enumerate(data["images"]):
         anns = by_image.get(entry.get("id"), []) if isinstance(entry, dict) else []
-        records.append(_refexp_record(entry, anns, f"{json_path}: images[{k}]"))
-    return with_same_image_negatives(records)
-
-
-def with_same_image_negatives(records: List[Record]) -> List[Record]:
-    """Give each record the expressions of other boxes on its image as hard-negative captions."""
-    by_file: Dict[str, List[Record]] = {}
-    for rec in records:
-        by_file.setdefault(rec.image, []).append(rec)
-    out = []
-    for rec in records:
-        # Several expressions can name one object: only other boxes make false captions.
-        others = sorted({o.expression for o in by_file[rec.image] if o.box != rec.box})
-        out.append(Record(rec.image, rec.caption, tuple(others), (), rec.expression, rec.box,
-                          rec.positive_chars))
-    return out
+        record = _refexp_record(entry, anns, f"{json_path}: images[{k}]")
+        by_file.setdefault(record.image, []).append(record)
+    return [record for records in by_file.values() for record in records]
 
 
 class RefExpJSON(RecordDataset):
@@ -418,6 +412,10 @@ def _jsonl_record(obj: Any, n: int, where: str) -> Record:
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             raise ValueError(f"{where}: 'box' must be [cx, cy, w, h], got {box!r}")
         box = tuple(float(v) for v in box)
+        # A pixel box would pass as a target the sigmoid box head can never reach.
+        if not (0 <= box[0] <= 1 and 0 <= box[1] <= 1 and 0 < box[2] <= 1 and 0 < box[3] <= 1):
+            raise ValueError(f"{where}: 'box' {list(box)} is not normalised: expected [cx, cy, w, h] as fractions "
+                             "of the image's width and height, in [0, 1] with w, h > 0")
     expression = expression if expression is not None else text
     # A box without spans: the whole expression names the target.
     spans = _spans(obj.get("positive_chars"), where) or (((0, len(expression)),) if box else ())

@@ -13,7 +13,8 @@ Conventions
 - Relations are spatial in image coordinates with a dominant axis: "A to the left of B" means
   cx_A < cx_B and |dx| > |dy| (generated with |dy| <= |dx| / 2 and |dx| >= ``REL_MIN_DELTA``).
 - Determinism: sample ``i`` of a split draws from ``SeedSequence([seed, split_id, i, purpose])``,
-  so it does not depend on access order. Train and val use different ``split_id`` streams; no
+  so it does not depend on access order; its draw ``d`` > 0 (``batch(indices, draws)``: the
+  trainer's epoch) appends ``d`` for the negatives and the expression, never for the scene. Train and val use different ``split_id`` streams; no
   colour-shape combination is held out (scenes are continuous-valued, so collisions of whole
   images between the splits are practically impossible; the tests check it).
 """
@@ -312,9 +313,10 @@ def referring_expression(scene: Scene, rng: np.random.Generator) -> Tuple[str, B
 
 
 class ThreadedBatches:
-    """``batch(indices)`` for a data set whose sample depends on its index alone: the samples
-    ``self[i]``, read in ``self.threads`` threads and stacked (:func:`stack_samples`). PIL decodes,
-    resizes and draws largely without holding the GIL, so the threads run in parallel."""
+    """``batch(indices, draws)`` for a data set whose sample depends on its index and draw alone:
+    the samples ``self.sample(i, draw)``, read in ``self.threads`` threads and stacked
+    (:func:`stack_samples`). PIL decodes, resizes and draws largely without holding the GIL, so
+    the threads run in parallel. ``self[i]`` is draw 0."""
 
     threads: int = 1
     _pool: Optional[ThreadPoolExecutor] = None
@@ -323,13 +325,23 @@ class ThreadedBatches:
         """Threads reading a batch (0: one per CPU core)."""
         self.threads = int(threads) or os.cpu_count() or 1
 
-    def batch(self, indices: Sequence[int]) -> dict:
-        """Stack samples: arrays gain a leading N axis, everything else becomes a list."""
-        if self.threads == 1 or len(indices) < 2:
-            return stack_samples([self[i] for i in indices])
+    def sample(self, i: int, draw: int = 0) -> dict:
+        """Sample ``i``; ``draw`` picks its random choices (negatives), not its positive pair."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        return self.sample(i)
+
+    def batch(self, indices: Sequence[int], draws: Optional[Sequence[int]] = None) -> dict:
+        """Stack samples: arrays gain a leading N axis, everything else becomes a list. ``draws``
+        (default 0 each): the trainer passes each sample's epoch, so that a record's negatives
+        are drawn afresh every epoch, as the official loader draws them at every read."""
+        jobs = list(zip(indices, [0] * len(indices) if draws is None else draws))
+        if self.threads == 1 or len(jobs) < 2:
+            return stack_samples([self.sample(i, int(draw)) for i, draw in jobs])
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dpt-jax-samples")
-        return stack_samples(list(self._pool.map(self.__getitem__, indices)))
+        return stack_samples(list(self._pool.map(lambda job: self.sample(job[0], int(job[1])), jobs)))
 
 
 class ShapesDataset(ThreadedBatches):
@@ -359,8 +371,9 @@ class ShapesDataset(ThreadedBatches):
     def __len__(self) -> int:
         return self.size
 
-    def _rng(self, i: int, purpose: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], i, purpose]))
+    def _rng(self, i: int, purpose: int, draw: int = 0) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], i, purpose]
+                                                            + draw_entropy(draw)))
 
     def _index(self, i: int) -> int:
         i = int(i)
@@ -374,8 +387,8 @@ class ShapesDataset(ThreadedBatches):
         """The positive scene of sample i."""
         return sample_scene(self._rng(self._index(i), _SCENE), self.probs)
 
-    def _random_index(self, i: int, caption: str) -> int:
-        rng = self._rng(i, _RAND)
+    def _random_index(self, i: int, caption: str, draw: int) -> int:
+        rng = self._rng(i, _RAND, draw)
         j = i
         for _ in range(20):  # prefer a sample whose caption differs from ours
             j = int(rng.integers(self.size - 1))
@@ -384,14 +397,14 @@ class ShapesDataset(ThreadedBatches):
                 break
         return j
 
-    def __getitem__(self, i: int) -> dict:
+    def sample(self, i: int, draw: int = 0) -> dict:
         i = self._index(i)
         scene = self.scene(i)
         caption = describe(scene)
-        neg_type, neg_scene = hard_negative(scene, self._rng(i, _NEG))
-        j = self._random_index(i, caption)
+        neg_type, neg_scene = hard_negative(scene, self._rng(i, _NEG, draw))
+        j = self._random_index(i, caption, draw)
         rand_scene = self.scene(j)
-        expr, box, spans = referring_expression(scene, self._rng(i, _REF))
+        expr, box, spans = referring_expression(scene, self._rng(i, _REF, draw))
         s = self.image_size
         return {
             "index": i,
@@ -410,6 +423,12 @@ class ShapesDataset(ThreadedBatches):
             "expression_box": np.asarray(box, np.float32),
             "expression_positive_chars": spans,
         }
+
+
+def draw_entropy(draw: int) -> List[int]:
+    """What a sample's draw adds to its seed: nothing for draw 0, so that a data set's first
+    epoch (and every evaluation) reads the samples it read before draws existed."""
+    return [int(draw)] if draw else []
 
 
 def stack_samples(samples: Sequence[dict]) -> dict:

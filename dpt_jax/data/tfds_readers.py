@@ -9,14 +9,14 @@ the tfds record, read through the ``RecordDataset._open_image`` hook instead of 
 Records:
 - ``TfdsCocoCaptions``: one record per (image, caption), so every caption is trained on once per
   epoch and the per-host split partitions pairs (one record per image with a random caption would
-  draw the same caption every epoch, sampling being deterministic in (seed, index)). ITM-only
+  leave some captions out of an epoch and repeat others). ITM-only
   (``has_rec`` False). The data has no hard negatives: negative captions and images come from
   random records of *other* images (``_same_image``), never from another caption of the image.
 - ``TfdsRefCoco``: one record per referring expression, ``has_rec`` True. tfds stores each box as
   a normalised (ymin, xmin, ymax, xmax) BBoxFeature; it becomes normalised (cx, cy, w, h) as
   ``readers.xywh_to_cxcywh`` gives. ref_coco has no character spans: ``positive_chars`` is the whole
-  expression. ITM hard-negative captions are the expressions of the image's other objects, as
-  ``readers.RefExpJSON`` does; negative images come from other images.
+  expression. Its ITM negatives, as ``readers.RefExpJSON``'s, are expressions and images of other
+  images (the image's other objects are in it too).
 - ``image_path`` of a sample (and the key of bad-image bookkeeping) is
   ``"<builder full name>:<split>[<example index>]"``; the index counts within ``split`` as given
   (``train[10:]`` restarts at 0).
@@ -50,7 +50,6 @@ from dpt_jax.data.readers import (
     ImageRef,
     Record,
     RecordDataset,
-    with_same_image_negatives,
     xywh_to_cxcywh,
 )
 
@@ -154,12 +153,8 @@ class _TfdsRecords(RecordDataset):
             # Record.image is the example's id: with image_root "" it is also _path's key.
             records.extend(self._parse(example, f"{source}[{k}]"))
             starts.append(len(records))
-        if len(starts) < 3:
-            raise ValueError(f"tfds {source}: {len(starts) - 1} example(s); need at least 2 images "
-                             "(negatives come from other images)")
-        self._starts = np.asarray(starts)
         self._example_of = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
-        super().__init__(self._finish(records), "", image_size, seed, max_bad_fraction,
+        super().__init__(records, "", image_size, seed, max_bad_fraction,
                          min_images_seen, source=source, threads=threads)
 
     def _decoders(self) -> Dict[str, Any]:
@@ -169,14 +164,6 @@ class _TfdsRecords(RecordDataset):
     def _parse(self, example: dict, where: str) -> List[Record]:
         """The records of one example (images still encoded); ValueError naming ``where`` if malformed."""
         raise NotImplementedError
-
-    def _finish(self, records: List[Record]) -> List[Record]:
-        """All records, once parsed (a hook for what needs every example, e.g. hard negatives)."""
-        return records
-
-    def _same_image(self, i: int) -> range:
-        k = self._example_of[i]
-        return range(int(self._starts[k]), int(self._starts[k + 1]))
 
     def _open_image(self, ref: ImageRef) -> Image.Image:
         # refs are record indices: these records have no path-valued negative images.
@@ -231,5 +218,4 @@ class TfdsRefCoco(_TfdsRecords):
                                positive_chars=((0, len(t)),)) for t in texts]
         return records
 
-    def _finish(self, records: List[Record]) -> List[Record]:
-        return with_same_image_negatives(records)
+
