@@ -63,6 +63,97 @@ def test_precomputed_rows_are_the_encoded_samples(latents_dir):
     np.testing.assert_array_equal(ds.batch([5])["has_rec"], [1.0])
 
 
+ROWS, SHARD = 70, 16  # 5 shards, the last one partial (rows 64..69)
+
+
+def _synthetic_arrays(rng, n):
+    return dict(latents=rng.standard_normal((n, 3, 8, 8, 4)).astype(np.float16),
+                hidden=rng.standard_normal((n, 4, 77, 32)).astype(np.float16),
+                pooled=rng.standard_normal((n, 4, 32)).astype(np.float16),
+                expression_box=rng.random((n, 4), np.float32),
+                expression_positive=rng.random((n, 77), np.float32),
+                expression_token_mask=rng.random((n, 77)) < 0.5, has_rec=rng.random(n) < 0.5)
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    """Shards of random rows written as `dpt-jax precompute` writes them, without running a model."""
+    out = str(tmp_path_factory.mktemp("synthetic"))
+    rng = np.random.default_rng(0)
+    for k in range(precomputed.num_shards(ROWS, SHARD)):
+        precomputed.write_shard(out, k, _synthetic_arrays(rng, min(SHARD, ROWS - k * SHARD)))
+    precomputed.write_meta(out, dict(num_samples=ROWS, shard_size=SHARD, dtype="float16"))
+    return out
+
+
+def test_rows_read_in_place_are_the_rows_of_the_shards(synthetic_dir):
+    ds = precomputed.PrecomputedDataset(synthetic_dir)
+    shards = []
+    for k in range(precomputed.num_shards(ROWS, SHARD)):
+        with np.load(precomputed.shard_path(synthetic_dir, k)) as data:
+            shards.append({key: data[key] for key in precomputed.ARRAY_KEYS})
+    for indices in ([69, 3, 40, 3, 17, 64, 0, 47, 69, 33, 16, 15], np.random.default_rng(1).permutation(ROWS)):
+        got = ds.batch(indices, draws=[7] * len(indices))  # draws: accepted, and changes nothing
+        assert list(got) == list(precomputed.ARRAY_KEYS)
+        for key in precomputed.ARRAY_KEYS:
+            want = np.stack([shards[i // SHARD][key][i % SHARD] for i in indices]).astype(np.float32)
+            assert got[key].dtype == np.float32
+            np.testing.assert_array_equal(got[key], want, err_msg=key)
+    for bad in ([0, ROWS], [-1]):
+        with pytest.raises(IndexError, match="out of range"):
+            ds.batch(bad)
+
+
+class _CountedFile:
+    """A file whose reads are counted in ``log``."""
+
+    def __init__(self, f, log):
+        self._f, self._log = f, log
+
+    def read(self, size=-1):
+        data = self._f.read(size)
+        self._log.append(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_a_batch_reads_its_rows_not_its_shards(synthetic_dir, monkeypatch):
+    ds = precomputed.PrecomputedDataset(synthetic_dir)
+    data_reads, header_reads = [], []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: data_reads.append(n) or pread(fd, n, off))
+    monkeypatch.setattr(precomputed, "open", lambda *a, **k: _CountedFile(open(*a, **k), header_reads),
+                        raising=False)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("batch() loaded a whole shard"))
+    indices = [69, 3, 40, 3, 17, 64]  # shards 4, 0, 2, 0, 1, 4
+    touched = {i // SHARD for i in indices}
+    row_bytes = sum(m.row_bytes for m in precomputed.shard_index(precomputed.shard_path(synthetic_dir, 0)).values())
+    header_reads.clear()
+    ds.batch(indices)
+    assert sum(data_reads) == len(set(indices)) * row_bytes  # each distinct row once, nothing else
+    assert sum(header_reads) <= 4096 * len(touched)  # the zip and .npy headers of each shard, once
+    shard_bytes = sum(os.path.getsize(precomputed.shard_path(synthetic_dir, k)) for k in touched)
+    assert sum(data_reads) + sum(header_reads) < shard_bytes / 5
+    header_reads.clear()
+    ds.batch([4, 66])  # shards 0 and 4 again: their indexes are kept
+    assert header_reads == [] and sum(data_reads) == (len(set(indices)) + 2) * row_bytes
+
+
+def test_a_compressed_shard_is_refused_by_name(tmp_path):
+    np.savez_compressed(precomputed.shard_path(str(tmp_path), 0), **_synthetic_arrays(np.random.default_rng(0), 2))
+    precomputed.write_meta(str(tmp_path), dict(num_samples=2, shard_size=2))
+    with pytest.raises(ValueError, match=r"shard-00000\.npz: member latents\.npy is compressed"):
+        precomputed.PrecomputedDataset(str(tmp_path)).batch([1])
+
+
 def test_an_interrupted_precompute_finishes_with_the_same_shards(latents_dir, tmp_path):
     out = str(tmp_path / "p")
     precompute(_config(), out, "train", shard_size=8, batch_size=4, dtype="float32")
