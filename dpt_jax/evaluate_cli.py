@@ -44,6 +44,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="t2i: DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5)
     args = p.parse_args(list(argv))
+    for flag in ("num_samples", "draws", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
     args.runs = [_name_and_path(r) for r in args.run]
     args.etas = [float(e) for e in args.etas.split(",")]
     args.splits = [s for s in args.splits.split(",") if s]

@@ -135,7 +135,10 @@ def test_evaluate_itm_and_rec_report_side_by_side(probe_run, tmp_path, capsys):
     assert rec["num_rec_samples"] == 8 and 0.0 <= rec["rec_iou_acc"] <= 1.0
 
 
-def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path):
+def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--num-samples", "0", "--out", str(tmp_path)])
+    assert "--num-samples 0: expected >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs a training run"):
         evaluate_cli.main(["--task", "itm", "--run", "base=builtin:tiny-random", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown key"):
