@@ -46,8 +46,9 @@ def base(stage: str = "probe") -> ml_collections.ConfigDict:
     c.adapter = ml_collections.ConfigDict(dict(
         taps=("up1",), d_model=256, num_heads=8, ffn_dim=2048, dropout=0.1, num_encoder_layers=1,
         num_decoder_layers=1, num_itm_queries=10, num_rec_queries=100, fusion="single", fusion_size=32))
-    c.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0, targets=("to_q", "to_k", "to_v", "to_out.0"),
-                                            target_regex=""))
+    # alpha None: alpha = rank, the official scale 1 at any rank (its LoRAAttnProcessor has no alpha).
+    c.lora = ml_collections.ConfigDict(dict(rank=4, alpha=ml_collections.FieldReference(None, field_type=float),
+                                            targets=("to_q", "to_k", "to_v", "to_out.0"), target_regex=""))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
                                              eps=1e-8, weight_decay=1e-2, clip=1.0))
     c.loss = ml_collections.ConfigDict(dict(itm=1.0, rec=1.0, mse=1.0, kl=1e-6, min_snr_gamma=ml_collections.FieldReference(

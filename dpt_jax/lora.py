@@ -13,7 +13,6 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dpt_jax.models.layers import lora_delta, merged_lora
 from dpt_jax.weights import _flatten, _unflatten, path_to_torch_key
@@ -72,7 +71,10 @@ def target_modules(unet_params: Mapping[str, Any], spec: LoraSpec) -> Dict[str, 
 
 
 def init_lora(unet_params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> Params:
-    """A at PEFT's kaiming-uniform(a=sqrt(5)) init, B at zero: the LoRA U-Net starts as the base."""
+    """A ~ N(0, 1/rank^2), B at zero: the LoRA U-Net starts as the base. A's init is that of
+    diffusers' ``LoRALinearLayer`` / ``LoRAConv2dLayer``, which the official code trains (through
+    ``LoRAAttnProcessor``); PEFT's kaiming-uniform would start A 8 to 16 times smaller at SD's
+    widths, and with B's first steps about lr each, the update A B would grow that much slower."""
     flat = _flatten(unet_params)
     modules = target_modules(unet_params, spec)
     keys = jax.random.split(rng, len(modules))
@@ -80,12 +82,11 @@ def init_lora(unet_params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) ->
     for key, (name, path) in zip(keys, sorted(modules.items())):
         kernel = flat[path + ("kernel",)]
         if len(kernel.shape) == 2:  # Linear [in, out]
-            fan_in, a_shape, b_shape = kernel.shape[0], (kernel.shape[0], spec.rank), (spec.rank, kernel.shape[1])
+            a_shape, b_shape = (kernel.shape[0], spec.rank), (spec.rank, kernel.shape[1])
         else:  # Conv2d HWIO: A keeps the kernel window, B is 1x1
             kh, kw, cin, cout = kernel.shape
-            fan_in, a_shape, b_shape = kh * kw * cin, (kh, kw, cin, spec.rank), (1, 1, spec.rank, cout)
-        bound = 1.0 / np.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
-        out[path + ("lora_A",)] = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+            a_shape, b_shape = (kh, kw, cin, spec.rank), (1, 1, spec.rank, cout)
+        out[path + ("lora_A",)] = jax.random.normal(key, a_shape, jnp.float32) / spec.rank
         out[path + ("lora_B",)] = jnp.zeros(b_shape, jnp.float32)
     return _unflatten(out)
 

@@ -73,6 +73,22 @@ def test_zero_b_equals_base_bitwise(sd, inputs):
         np.testing.assert_array_equal(l, b)
 
 
+def test_lora_starts_as_the_official_code_and_keeps_scale_one(sd):
+    # diffusers' LoRALinearLayer (the official LoRAAttnProcessor's) draws A ~ N(0, 1/rank^2) and
+    # applies no alpha: scale 1 at any rank, which the default config keeps (alpha None = rank).
+    from dpt_jax.train import lora_spec
+    for rank in (2, 4):
+        lora = _flatten(init_lora(sd.unet_params, LoraSpec(rank=rank), jax.random.PRNGKey(0)))
+        a = np.concatenate([np.ravel(v) for p, v in lora.items() if p[-1] == "lora_A"])
+        assert abs(a.mean()) < 0.05 / rank and abs(a.std() * rank - 1) < 0.05, (rank, a.mean(), a.std())
+    config = tiny("tune")
+    for rank in (4, 8, 16):
+        config.lora.rank = rank
+        assert lora_spec(config).scale == 1.0
+    config.lora.alpha = 4.0
+    assert lora_spec(config).scale == 0.25  # an explicit alpha is kept
+
+
 @pytest.mark.parametrize("targets", [
     ("to_q", "to_k", "to_v", "to_out.0"),
     # Linear and conv targets, including a strided conv (downsamplers use stride 2).
