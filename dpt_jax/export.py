@@ -27,6 +27,7 @@ import numpy as np
 from dpt_jax import weights
 from dpt_jax.lora import LoraSpec, lora_module_names, merge_lora
 from dpt_jax.models.adapter import adapter_config_dict, adapter_state_dict
+from dpt_jax.scheduler import ddim_config
 from dpt_jax.weights import WeightLoadError, _flatten, _unflatten, torch_key_to_path
 
 Params = Dict[str, Any]
@@ -217,9 +218,11 @@ def save_adapter(adapter: Any, params: Params, out_dir: str) -> List[str]:
 
 def save_pipeline(sd: Any, out_dir: str, unet_params: Optional[Params] = None) -> str:
     """A diffusers pipeline directory from Flax parameters: every file of the source directory
-    (configs, tokenizer, scheduler, other components such as a safety checker) is copied, except
-    the weight files of the U-Net, VAE and text encoder, which are written in float32 from
-    ``unet_params`` (default ``sd.unet_params``), ``sd.vae_params`` and ``sd.text_params``."""
+    (configs, tokenizer, other components such as a safety checker) is copied, except the weight
+    files of the U-Net, VAE and text encoder, which are written in float32 from ``unet_params``
+    (default ``sd.unet_params``), ``sd.vae_params`` and ``sd.text_params``, and the scheduler,
+    written as the DDIM scheduler ``dpt-jax generate`` samples with (SD's own is PNDM: loaded as
+    it was, the pipeline would sample with another scheduler than the one it was judged by)."""
     if sd.path is None:
         raise ValueError("the model has no source directory to copy configs and tokenizer from")
     os.makedirs(out_dir, exist_ok=True)
@@ -239,7 +242,24 @@ def save_pipeline(sd: Any, out_dir: str, unet_params: Optional[Params] = None) -
     params = {"unet": sd.unet_params if unet_params is None else unet_params, "vae": sd.vae_params,
               "text_encoder": sd.text_params}
     weights.save_components(params, out_dir)
+    if sd.scheduler_config is not None:
+        _write_ddim_scheduler(sd.scheduler_config, out_dir)
     return out_dir
+
+
+def _write_ddim_scheduler(source_config: Mapping[str, Any], out_dir: str) -> None:
+    config = dict(ddim_config(source_config))
+    if "_diffusers_version" in source_config:
+        config["_diffusers_version"] = source_config["_diffusers_version"]
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    index_path = os.path.join(out_dir, "model_index.json")
+    if os.path.isfile(index_path):
+        index = weights.read_json(index_path)
+        index["scheduler"] = ["diffusers", "DDIMScheduler"]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from dpt_jax.images import image_to_float
 from dpt_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, load_params as load_text_params
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.models.vae import AutoencoderKL, VAEConfig
-from dpt_jax.scheduler import NoiseSchedule
+from dpt_jax.scheduler import NoiseSchedule, stable_diffusion_pipeline_config
 from dpt_jax.tokenizer import Tokenizer, load_tokenizer
 
 Params = Dict[str, Any]
@@ -178,7 +178,8 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
     text = CLIPTextModel(CLIPTextConfig.from_file(os.path.join(path, "text_encoder", "config.json")),
                          dtype=dtype, param_dtype=param_dtype)
     load = functools.partial(weights.load_component, variant=variant)
-    scheduler_config = weights.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    scheduler_config = stable_diffusion_pipeline_config(weights.read_json(scheduler_file), scheduler_file)
     return StableDiffusion(
         unet=unet, vae=vae, text_encoder=text, tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
         schedule=NoiseSchedule.from_config(scheduler_config),

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import logging
 import os
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.struct
 import jax.numpy as jnp
@@ -97,6 +98,25 @@ def make_betas(cfg: Mapping[str, Any]) -> np.ndarray:
     return betas.astype(np.float32)
 
 
+def stable_diffusion_pipeline_config(cfg: Mapping[str, Any], source: str = "scheduler config") -> Dict[str, Any]:
+    """``cfg`` as diffusers' ``StableDiffusionPipeline`` samples with it: the pipeline sets an
+    outdated config's ``steps_offset`` to 1 and ``clip_sample`` to False (with a deprecation
+    warning) whatever its file says, so that a model samples here as it does there."""
+    read = ddim_config(cfg)
+    fixed = {key: value for key, value in (("steps_offset", 1), ("clip_sample", False)) if read[key] != value}
+    if fixed:
+        logging.warning("%s: %s, as diffusers' StableDiffusionPipeline uses it (the file has %s)", source,
+                        ", ".join(f"{k}={v}" for k, v in fixed.items()),
+                        ", ".join(f"{k}={read[k]}" for k in fixed))
+    return {**cfg, **fixed}
+
+
+def ddim_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The DDIM scheduler this package samples with, read from a diffusers scheduler config of any
+    class (SD's own are PNDM's), as diffusers' ``DDIMScheduler.from_config`` would read it."""
+    return {"_class_name": "DDIMScheduler", **{k: cfg.get(k, v) for k, v in _DEFAULTS.items()}}
+
+
 @flax.struct.dataclass
 class NoiseSchedule:
     """Discrete diffusion schedule; a pytree whose config fields are static under jit."""
@@ -114,7 +134,7 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "NoiseSchedule":
         """Build from a diffusers scheduler config dict; unknown keys are ignored."""
-        c = {k: cfg.get(k, v) for k, v in _DEFAULTS.items()}
+        c = ddim_config(cfg)
         if c["thresholding"]:
             raise ValueError("thresholding=True (dynamic thresholding) is not supported")
         if c["prediction_type"] not in PREDICTION_TYPES:

@@ -132,7 +132,7 @@ def test_merged_pipeline_ddim_matches_jax_sampler(exported, run):
     assert written.keys() == expected.keys() and all(np.array_equal(written[k], expected[k]) for k in written)
 
     pipe = StableDiffusionPipeline.from_pretrained(exported, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
     prompts, steps = ["a red square to the left of a blue circle", "two green triangles"], 4
     z = initial_latents([0, 1], (16, 16, 4))
     with torch.no_grad():
@@ -162,6 +162,29 @@ def test_diffusers_to_flax_to_diffusers_is_bit_exact(sd, base_dir, tmp_path):
         a = CLIPTextModel.from_pretrained(os.path.join(base_dir, "text_encoder"))(ids)
         b = CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder"))(ids)
     assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
+
+
+def test_a_pndm_base_exports_the_ddim_scheduler_it_samples_with(base_dir, tmp_path):
+    # SD's own scheduler is PNDM; the exported pipeline loads with the DDIM that dpt-jax samples with.
+    import shutil
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from dpt_jax import scheduler
+    base = str(tmp_path / "pndm_base")
+    shutil.copytree(base_dir, base)
+    shutil.rmtree(os.path.join(base, "scheduler"))
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                  skip_prk_steps=True, steps_offset=1).save_pretrained(os.path.join(base, "scheduler"))
+    index = json.load(open(os.path.join(base, "model_index.json")))
+    json.dump(dict(index, scheduler=["diffusers", "PNDMScheduler"]), open(os.path.join(base, "model_index.json"), "w"))
+    sd = load_pretrained(base)
+    out = save_pipeline(sd, str(tmp_path / "out"))
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert type(pipe.scheduler) is DDIMScheduler
+    pipe.scheduler.set_timesteps(50)
+    np.testing.assert_array_equal(pipe.scheduler.timesteps.numpy(), scheduler.ddim_timesteps(sd.schedule, 50))
+    np.testing.assert_array_equal(pipe.scheduler.alphas_cumprod.numpy(), np.asarray(sd.schedule.alphas_cumprod))
+    assert float(pipe.scheduler.final_alpha_cumprod) == float(sd.schedule.final_alpha_cumprod)
+    assert pipe.scheduler.config.clip_sample is sd.schedule.clip_sample is False  # a PNDM file has none
 
 
 @pytest.fixture(scope="module")
