@@ -7,12 +7,13 @@ self-correction. Rerun on the same ``--out``, an interrupted generation goes on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -136,57 +137,104 @@ def _written_rows(out_dir: str, jobs: Sequence[Dict[str, Any]]) -> List[Dict[str
     return rows
 
 
+def _sync(manifest: IO[str]) -> None:
+    manifest.flush()
+    os.fsync(manifest.fileno())
+
+
+def _rewrite_manifest(out_dir: str, rows: Sequence[Dict[str, Any]]) -> IO[str]:
+    """``out_dir/manifest.jsonl`` holding ``rows``, open for the rows to come. Written beside it and
+    renamed over it: a run killed before its kept rows are on disk leaves the last run's manifest."""
+    path = os.path.join(out_dir, MANIFEST)
+    manifest = open(path + ".tmp", "w")
+    manifest.writelines(json.dumps(row) + "\n" for row in rows)
+    _sync(manifest)
+    os.replace(path + ".tmp", path)
+    return manifest
+
+
+# Kept images go from process 0 to the others this many at a time: a broadcast holds its array
+# on every device (64 images of 512 px: 50 MB).
+BROADCAST_IMAGES = 64
+
+
+def _share_kept_images(done: int, images: List[np.ndarray], keep_images: int, primary: bool
+                       ) -> Tuple[int, List[np.ndarray]]:
+    """Process 0's count of kept images and its first ``keep_images`` of them, on every process:
+    only process 0 reads ``out_dir``, and every process must return the same images (a scorer
+    whose program spans every device takes the same batch on each)."""
+    from jax.experimental import multihost_utils
+    height, width = images[0].shape[:2] if images else (0, 0)
+    done, height, width = (int(x) for x in multihost_utils.broadcast_one_to_all(
+        np.array([done, height, width], np.int32)))
+    count = min(done, keep_images)
+    if not primary:  # the broadcast takes an array of the source's shape from every process
+        images = [np.zeros((height, width, 3), np.uint8)] * count
+    shared: List[np.ndarray] = []
+    for start in range(0, count, BROADCAST_IMAGES):
+        shared.extend(multihost_utils.broadcast_one_to_all(np.stack(images[start:start + BROADCAST_IMAGES])))
+    return done, shared
+
+
 def generate_images(generator: "Generator", jobs: Sequence[Dict[str, Any]], out_dir: str, batch_size: int,
                     keep_images: int = GRID_IMAGES, grid_columns: Optional[int] = None, desc: str = "generate"
                     ) -> Tuple[List[Dict[str, Any]], np.ndarray]:
-    """Each job (a manifest row: ``prompt``, ``seed`` and what else should be recorded) sampled
-    and written as ``out_dir/NNNNN.png``, with its row (plus ``file`` and the adapter's
-    ``itm_score``) in ``manifest.jsonl`` and ``grid.png`` of the first 64 images.
+    """Each job (``prompt``, ``seed`` and what else a manifest row should record: the model, ...)
+    sampled and written as ``out_dir/NNNNN.png``, with its row (the job, the generator's
+    ``settings``, ``file`` and the adapter's ``itm_score``) in ``manifest.jsonl`` and ``grid.png``
+    of the first 64 images. The manifest is on disk after each batch: a kill (preemption, a time
+    limit) loses at most the batch in flight.
 
     A rerun on the same ``out_dir`` resumes: the images an interrupted run wrote for the same jobs
-    are kept and only the rest sampled, to the same pixels (an image depends on its prompt and
-    seed, not on its batch). Several processes all sample (a batch spans their devices); process
-    0 writes. Returns the rows and the first ``keep_images`` images (uint8 [N, H, W, 3])."""
+    and settings are kept and only the rest sampled, to the same pixels (an image depends on its
+    prompt, seed and settings, not on its batch). Several processes all sample (a batch spans their
+    devices); process 0 writes. Returns the rows (on process 0; elsewhere those sampled in this
+    run) and the first ``keep_images`` images (uint8 [N, H, W, 3], the same on every process)."""
     import jax
     from PIL import Image
     from tqdm import tqdm
+    jobs = [{**job, **generator.settings} for job in jobs]
     primary = jax.process_index() == 0
     rows = _written_rows(out_dir, jobs) if primary else []
+    images = [np.asarray(Image.open(os.path.join(out_dir, row["file"])).convert("RGB")) for row in rows[:keep_images]]
     done = len(rows)
     if jax.process_count() > 1:  # every process samples the same batches; only process 0 can read out_dir
-        from jax.experimental import multihost_utils
-        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+        done, images = _share_kept_images(done, images, keep_images, primary)
     if primary:
         if done:
             logging.info("%s: %d of %d images already written, sampling the rest", out_dir, done, len(jobs))
         elif os.path.isdir(out_dir) and os.listdir(out_dir):
             logging.warning("writing into non-empty %s", out_dir)
         os.makedirs(out_dir, exist_ok=True)
-    images = [np.asarray(Image.open(os.path.join(out_dir, row["file"])).convert("RGB")) for row in rows[:keep_images]]
-    with open(os.path.join(out_dir, MANIFEST) if primary else os.devnull, "w") as manifest, PngWriter() as writer:
-        manifest.writelines(json.dumps(row) + "\n" for row in rows)
+    with (_rewrite_manifest(out_dir, rows) if primary else contextlib.nullcontext()) as manifest, \
+            PngWriter() as writer:
         for start in tqdm(range(done, len(jobs), batch_size), desc=desc, unit="batch", disable=not primary):
             chunk = jobs[start:start + batch_size]
             out = generator([job["prompt"] for job in chunk], [job["seed"] for job in chunk])
             for index, job, image, score in zip(range(start, len(jobs)), chunk, out["images"], out["scores"]):
                 row = dict(file=image_name(index), **job, itm_score=None if math.isnan(float(score)) else float(score))
-                if primary:
-                    writer.save_png(image, os.path.join(out_dir, row["file"]))
-                manifest.write(json.dumps(row) + "\n")
                 rows.append(row)
                 if len(images) < keep_images:
                     images.append(image)
+                if primary:
+                    writer.save_png(image, os.path.join(out_dir, row["file"]))
+                    manifest.write(json.dumps(row) + "\n")
+            if primary:
+                _sync(manifest)
     if primary and images:
         save_grid(np.stack(images[:GRID_IMAGES]), os.path.join(out_dir, "grid.png"), columns=grid_columns)
     return rows, np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def generate(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    from dpt_jax.sampler import check_seeds
     prompts = read_prompts(args.prompt, args.prompts)
+    count = len(prompts) * args.images_per_prompt
+    # Before loading anything: image j of the run samples from seed --seed + j.
+    check_seeds(range(args.seed, args.seed + count), f"--seed {args.seed} plus an image's index, 0 to {count - 1}")
     # The manifest names the weights loaded: a workdir's newest step is read once.
     models = load_sampling_models(args.checkpoint, args.pretrained)
-    jobs = [dict(prompt=p, prompt_index=i, seed=args.seed + i * args.images_per_prompt + k, eta_sc=args.eta_sc,
-                 steps=args.steps, guidance=args.guidance, model=models.source)
+    jobs = [dict(prompt=p, prompt_index=i, seed=args.seed + i * args.images_per_prompt + k, model=models.source)
             for i, p in enumerate(prompts) for k in range(args.images_per_prompt)]
     rows, _ = generate_images(build_generator(args, models), jobs, args.out, args.batch_size,
                               grid_columns=args.images_per_prompt if args.images_per_prompt > 1 else None)

@@ -5,13 +5,14 @@ At each step t (spec: "Self-correction sampler"):
     g = d(sum_b s_b) / d z_t
     eps_u, eps_c = U-Net([z_t, z_t + eta_sc * g], t, [uncond, cond])   (one batched call)
     z_{t-1} = DDIM(eps_u + w (eps_c - eps_u), t, z_t)                  (from the uncorrected z_t)
+With guidance w <= 1 there is no unconditional branch: eps = U-Net(z_t + eta_sc * g, t, cond).
 The loop is a ``lax.scan`` over the timesteps, compiled once per batch shape.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,19 @@ Params = Dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     steps: int = 50
+    # Above 1, classifier-free guidance; at or below 1, the prompt's prediction alone (no
+    # unconditional branch), as diffusers' StableDiffusionPipeline does.
     guidance: float = 7.5
     eta_sc: float = 0.0
     # Self-correction applies to steps whose index i (0 = first, noisiest) lies in [start, end).
     sc_start: int = 0
     sc_end: Optional[int] = None
     taps: Tuple[str, ...] = ("up1",)
+
+    @property
+    def sc_steps(self) -> Tuple[int, int]:
+        """[start, end) of the self-correcting step indices, the end resolved (None: the last step)."""
+        return self.sc_start, self.steps if self.sc_end is None else self.sc_end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +79,8 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
     timesteps = jnp.asarray(scheduler.ddim_timesteps(sched, cfg.steps))
     prev = jnp.asarray(scheduler.ddim_prev_timesteps(sched, cfg.steps))
     index = jnp.arange(cfg.steps)
-    sc_end = cfg.steps if cfg.sc_end is None else cfg.sc_end
-    use_cfg = cfg.guidance != 1.0
+    sc_start, sc_end = cfg.sc_steps
+    use_cfg = cfg.guidance > 1.0
     use_sc = cfg.eta_sc != 0.0 and models.adapter is not None
     # Guidance's two branches of a sample are neighbouring rows (uncond, cond): the batch is split
     # over devices by samples, so no device needs another's rows.
@@ -83,7 +91,7 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
         zc = z
         if use_sc:
             shift = correction(models, cfg, unet_params, adapter_params, z, t, cond, pooled)
-            zc = z + jnp.where((i >= cfg.sc_start) & (i < sc_end), 1.0, 0.0).astype(z.dtype) * shift
+            zc = z + jnp.where((i >= sc_start) & (i < sc_end), 1.0, 0.0).astype(z.dtype) * shift
         if use_cfg:
             # Without self-correction both branches see z: the U-Net's text-free start runs once.
             latents, sample_of_row = (stack_rows([z, zc]), None) if use_sc else (z, (0, 0))
@@ -100,8 +108,22 @@ def denoise(models: Models, cfg: SamplerConfig, unet_params: Params, adapter_par
     return z
 
 
+SEED_LIMIT = 2 ** 32
+
+
+def check_seeds(seeds: Iterable[int], origin: str = "") -> None:
+    """Raises ValueError for a seed outside [0, 2**32): with 64-bit types off, jax.random.PRNGKey
+    keeps a seed's low 32 bits, so such a seed would silently sample another seed's image."""
+    for seed in seeds:
+        if not 0 <= int(seed) < SEED_LIMIT:
+            raise ValueError(f"seed {int(seed)}{f' ({origin})' if origin else ''} is outside [0, 2**32) = "
+                             f"[0, {SEED_LIMIT}): a seed keeps only its low 32 bits, so it would repeat the image "
+                             f"of seed {int(seed) % SEED_LIMIT}")
+
+
 def initial_latents(seeds: Sequence[int], shape: Tuple[int, ...]) -> np.ndarray:
     """z_T of each image from its own seed alone (independent of batch size and devices)."""
+    check_seeds(seeds)
     keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
     return np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys))
 
@@ -128,6 +150,16 @@ class Generator:
         self._decode = parallel.jit(functools.partial(vae_decode, sd.vae), out_shardings=batch)
         self._score = parallel.jit(functools.partial(adapter_score, self.models, taps=cfg.taps), out_shardings=batch) \
             if adapter is not None else None
+
+    @property
+    def settings(self) -> Dict[str, Any]:
+        """Everything of the sampler, besides the weights, a prompt and its seed, that changes an
+        image, resolved (``latent_size``, ``sc_end``): a manifest row records it, so a rerun keeps
+        only the images sampled with the same settings."""
+        cfg = self.cfg
+        sc_start, sc_end = cfg.sc_steps
+        return dict(steps=cfg.steps, guidance=cfg.guidance, negative_prompt=self.negative_prompt,
+                    latent_size=self.latent_size, eta_sc=cfg.eta_sc, sc_start=sc_start, sc_end=sc_end)
 
     def _pad(self, n: int) -> int:
         shards = parallel.num_batch_shards(self.mesh)

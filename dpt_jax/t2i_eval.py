@@ -24,8 +24,8 @@ def generate_variant(models: SamplingModels, eta_sc: float, prompts: Sequence[Pr
                      guidance: float, batch_size: int, seed: int) -> np.ndarray:
     """Images uint8 [N, H, W, 3] of every prompt, written as PNGs with a manifest and a grid (a
     rerun resumes an interrupted variant: :func:`dpt_jax.generate.generate_images`)."""
-    jobs = [dict(prompt=prompt, category=category, seed=seed + i, eta_sc=eta_sc, steps=steps, guidance=guidance,
-                 model=models.source) for i, (prompt, category) in enumerate(prompts)]
+    jobs = [dict(prompt=prompt, category=category, seed=seed + i, model=models.source)
+            for i, (prompt, category) in enumerate(prompts)]
     _, images = generate_images(make_generator(models, steps=steps, guidance=guidance, eta_sc=eta_sc), jobs, out_dir,
                                 batch_size, keep_images=len(jobs), desc=os.path.basename(out_dir))
     return images

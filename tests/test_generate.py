@@ -11,12 +11,13 @@ from dpt_jax import generate
 
 PROMPTS = ["a red square", "two blue circles", "a green triangle"]
 _models = _generator = None
+_build_generator = generate.build_generator
 
 
-def _args(out, seed=0):
+def _args(out, seed=0, flags=()):
     return generate.parse_args(["--pretrained", "builtin:tiny-random", "--prompts", str(out.parent / "prompts.txt"),
                                 "--out", str(out), "--steps", "2", "--latent-size", "8", "--batch-size", "2",
-                                "--images-per-prompt", "2", "--seed", str(seed)])
+                                "--images-per-prompt", "2", "--seed", str(seed), *flags])
 
 
 class Interrupted(Exception):
@@ -24,27 +25,40 @@ class Interrupted(Exception):
 
 
 class Counting:
-    """A generator that records the prompts it samples and can stop the run after some batches."""
+    """A generator that records the prompts it samples and the manifest rows on disk when it is
+    called, and can stop the run after some batches."""
 
-    def __init__(self, generator, stop_after=None):
+    def __init__(self, generator, stop_after=None, settings=None, manifest=None):
         self.generator, self.stop_after, self.prompts = generator, stop_after, []
+        self.settings = generator.settings if settings is None else settings
+        self.manifest, self.rows_on_disk = manifest, []
 
     def __call__(self, prompts, seeds):
+        if self.manifest is not None:
+            self.rows_on_disk.append(len(self.manifest.read_text().splitlines()) if self.manifest.exists() else 0)
         if self.stop_after is not None and len(self.prompts) >= self.stop_after:
             raise Interrupted
         self.prompts += prompts
         return self.generator(prompts, seeds)
 
 
-def _run(monkeypatch, out, stop_after=None, seed=0, models=None):
+def _run(monkeypatch, out, stop_after=None, seed=0, models=None, flags=()):
+    """``generate`` sampling with one model and compiled sampler for every run, recording the
+    settings of the generator the run's flags make (``flags`` change no pixel here)."""
     global _models, _generator
-    if _generator is None:  # one model and compiled sampler for every run (they differ by seeds only)
+    if _generator is None:
         _models = generate.load_sampling_models(pretrained="builtin:tiny-random")
-        _generator = generate.build_generator(_args(out, seed), _models)
-    counting = Counting(_generator, stop_after)
+        _generator = _build_generator(_args(out, seed), _models)
+    counting = None
+
+    def build(args, models):
+        nonlocal counting
+        counting = Counting(_generator, stop_after, _build_generator(args, models).settings, out / "manifest.jsonl")
+        return counting
+
     monkeypatch.setattr(generate, "load_sampling_models", lambda checkpoint, pretrained: models or _models)
-    monkeypatch.setattr(generate, "build_generator", lambda args, models: counting)
-    generate.generate(_args(out, seed))
+    monkeypatch.setattr(generate, "build_generator", build)
+    generate.generate(_args(out, seed, flags))
     return counting
 
 
@@ -56,14 +70,17 @@ def _files(out):
 def test_an_interrupted_generation_resumes_to_the_uninterrupted_files(tmp_path, monkeypatch):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     full, part = tmp_path / "full", tmp_path / "part"
-    _run(monkeypatch, full)
+    # Each batch's rows are on disk before the next batch samples: a kill loses only the batch in flight.
+    assert _run(monkeypatch, full).rows_on_disk == [0, 2, 4]
     manifest, images = _files(full)
     assert len(images) == 6 and len(manifest.splitlines()) == 6
 
     with pytest.raises(Interrupted):  # stopped after two batches of two
         _run(monkeypatch, part, stop_after=4)
     assert len(_files(part)[1]) == 4
-    assert _run(monkeypatch, part).prompts == [PROMPTS[2]] * 2  # only the third prompt's two images
+    resumed = _run(monkeypatch, part)
+    assert resumed.prompts == [PROMPTS[2]] * 2  # only the third prompt's two images
+    assert resumed.rows_on_disk == [4]  # the kept rows, rewritten, are on disk before sampling starts
     assert _files(part)[0] == manifest
     for name, image in _files(part)[1].items():
         np.testing.assert_array_equal(image, images[name])
@@ -83,3 +100,74 @@ def test_an_interrupted_generation_resumes_to_the_uninterrupted_files(tmp_path, 
     assert [r["seed"] for r in rows] == list(range(100, 106)) and rows[0]["model"] == "builtin:tiny-random"
     another = dataclasses.replace(_models, source="/another/model")
     assert len(_run(monkeypatch, part, seed=100, models=another).prompts) == 6
+
+
+def test_a_rerun_with_other_sampling_settings_keeps_no_image(tmp_path, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    _run(monkeypatch, out)  # builds the shared model and sampler first
+    settings = lambda *flags: _build_generator(_args(out, flags=flags), _models).settings
+    base = settings()
+    for flags, changed in [(["--negative-prompt", "blurry"], dict(negative_prompt="blurry")),
+                           (["--latent-size", "16"], dict(latent_size=16)), (["--sc-start", "1"], dict(sc_start=1)),
+                           (["--sc-end", "1"], dict(sc_end=1)), (["--steps", "3"], dict(steps=3, sc_end=3)),
+                           (["--guidance", "2"], dict(guidance=2.0))]:
+        assert settings(*flags) == {**base, **changed}, flags
+    # Resolved: the default latent size is the U-Net's, the default end of self-correction the last step.
+    args = _args(out)
+    args.latent_size = None
+    assert _build_generator(args, _models).settings == {**base, "latent_size": _models.sd.sample_size}
+    assert base["sc_end"] == 2
+
+    assert len(_run(monkeypatch, out, flags=["--negative-prompt", "blurry"]).prompts) == 6
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["negative_prompt"] for r in rows} == {"blurry"} and rows[0]["latent_size"] == 8
+    assert _run(monkeypatch, out, flags=["--negative-prompt", "blurry"]).prompts == []
+
+
+def test_seeds_outside_32_bits_are_refused_before_loading(tmp_path, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    monkeypatch.setattr(generate, "load_sampling_models", lambda checkpoint, pretrained: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=r"seed -1 \(--seed -1 .*outside \[0, 2\*\*32\)"):
+        generate.generate(_args(tmp_path / "out", seed=-1))
+    # Six images from seed 2**32 - 5: the sixth's seed, 2**32, would repeat seed 0's image.
+    with pytest.raises(ValueError, match=f"seed {2 ** 32} .*image of seed 0$"):
+        generate.generate(_args(tmp_path / "out", seed=2 ** 32 - 5))
+
+
+class SeedImages:
+    """A generator of 4 x 4 images filled with their seed, on no device (processes are faked)."""
+    settings = {"steps": 1}
+
+    def __call__(self, prompts, seeds):
+        return {"images": np.stack([np.full((4, 4, 3), s, np.uint8) for s in seeds]),
+                "scores": np.full(len(seeds), np.nan, np.float32)}
+
+
+def test_every_process_returns_the_kept_images_of_a_resumed_run(tmp_path, monkeypatch):
+    import jax
+    from jax.experimental import multihost_utils
+    jobs = [dict(prompt=f"prompt {i}", seed=i) for i in range(5)]
+    out = str(tmp_path / "out")
+    generate.generate_images(SeedImages(), jobs[:3], out, batch_size=2)  # an interrupted run's three images
+
+    sent = []
+
+    def broadcast(x):  # what process 0 passes, every process gets; the others pass its shape
+        if jax.process_index() == 0:
+            sent.append(np.asarray(x))
+            return x
+        source = sent.pop(0)
+        assert (source.shape, source.dtype) == (np.shape(x), np.asarray(x).dtype)
+        return source
+
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+    monkeypatch.setattr(generate, "BROADCAST_IMAGES", 2)  # the kept three go over in two pieces
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    images = {}
+    for process in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda: process)
+        images[process] = generate.generate_images(SeedImages(), jobs, out, batch_size=2, keep_images=len(jobs))[1]
+    assert not sent
+    assert [int(image[0, 0, 0]) for image in images[0]] == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(images[1], images[0])

@@ -1,4 +1,5 @@
 """The jitted DDIM + CFG + self-correction sampler."""
+import functools
 import os
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 
 from dpt_jax.default_config import tiny
+from dpt_jax import sampler
 from dpt_jax.pipeline import load_pretrained
-from dpt_jax.sampler import Generator, Models, SamplerConfig, adapter_score, initial_latents
+from dpt_jax.sampler import Generator, Models, SamplerConfig, adapter_score, denoise, initial_latents
 from dpt_jax.testing import cpu_process_env, make_tiny_sd_dir, row_moves, with_hlo_dump
 from dpt_jax.train import build_objective, init_adapter_params
 
@@ -118,3 +120,34 @@ def _assert_same_images(latents_a, latents_b, images_a, images_b, what):
     pixel_err = int(np.abs(images_a.astype(int) - images_b).max())
     print(f"{what}: latent error {latent_err:.1e}, pixel error {pixel_err}")
     assert latent_err <= 1e-4 and pixel_err <= 1
+
+
+@pytest.mark.parametrize("guidance, eps_rows", [(0.5, 2), (7.5, 4)])
+def test_guidance_at_or_below_one_samples_from_the_prompt_alone(sd, adapter, monkeypatch, guidance, eps_rows):
+    # diffusers' pipeline guides only above 1 (do_classifier_free_guidance: guidance_scale > 1):
+    # at 0.5, as at 1, the noise prediction sees only the prompts' rows, self-corrected.
+    module, params = adapter
+    calls, real = [], sampler.unet_forward
+
+    def unet_forward(unet, unet_params, lora, latents, t, hidden, *args, eps=True, **kwargs):
+        calls.append(("eps" if eps else "tap", latents.shape[0], hidden.shape[0]))
+        return real(unet, unet_params, lora, latents, t, hidden, *args, eps=eps, **kwargs)
+
+    monkeypatch.setattr(sampler, "unet_forward", unet_forward)
+    cond, pooled = sd.encode_text(sd.tokenize(PROMPTS[:2]))
+    uncond, _ = sd.encode_text(sd.tokenize(["", ""]))
+    z = initial_latents([20, 21], (16, 16, 4))
+    cfg = SamplerConfig(steps=2, guidance=guidance, eta_sc=0.5)
+    jax.eval_shape(functools.partial(denoise, Models(sd, module), cfg), sd.unet_params, params, z, cond, uncond,
+                   pooled)  # traces the step once
+    assert calls == [("tap", 2, 2), ("eps", eps_rows, eps_rows)]
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 2 ** 40 + 7])
+def test_seeds_outside_32_bits_are_refused(sd, seed):
+    # PRNGKey keeps a seed's low 32 bits: seed 2**32 would sample seed 0's image.
+    with pytest.raises(ValueError, match=rf"seed {seed} is outside \[0, 2\*\*32\)"):
+        initial_latents([0, seed], (4, 4, 4))
+    with pytest.raises(ValueError, match=rf"seed {seed} is outside"):
+        Generator(sd, SamplerConfig(steps=1), latent_size=8)(PROMPTS[:2], [1, seed])
+    assert initial_latents([0, 2 ** 32 - 1], (4, 4, 4)).shape == (2, 4, 4, 4)
