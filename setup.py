@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 CORE = [
     "jax>=0.10,<0.13", "flax>=0.12,<0.13", "optax>=0.2.8", "orbax-checkpoint>=0.12",
-    "ml_collections>=1.0", "safetensors>=0.4", "numpy>=1.26", "transformers>=5.0",
+    "ml_collections>=1.0", "ml_dtypes", "safetensors>=0.4", "numpy>=1.26", "transformers>=5.0",
     "tokenizers>=0.20", "pillow>=10", "tqdm>=4.60", "tensorboardX>=2.6", "scipy>=1.10",
 ]
 # torch pinned: an unpinned requirement pulls a multi-GB CUDA build on machines without one.

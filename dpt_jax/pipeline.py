@@ -175,6 +175,10 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
     unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, param_dtype=param_dtype, remat=remat)
     vae = AutoencoderKL(VAEConfig.from_file(os.path.join(path, "vae", "config.json")),
                         dtype=dtype, param_dtype=param_dtype)
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"{path}: the U-Net takes {unet.config.in_channels} input channels, the VAE's latents have "
+                         f"{vae.config.latent_channels}: a U-Net that also reads a mask and a masked image "
+                         "(inpainting, in_channels 9) or other extra channels is not supported")
     text = CLIPTextModel(CLIPTextConfig.from_file(os.path.join(path, "text_encoder", "config.json")),
                          dtype=dtype, param_dtype=param_dtype)
     load = functools.partial(weights.load_component, variant=variant)

@@ -11,13 +11,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import ml_dtypes
 import numpy as np
 
 Params = Dict[str, Any]
 
-WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+# Weight files diffusers and transformers write, safetensors first: (stem, extension).
+WEIGHT_FILES = (("diffusion_pytorch_model", "safetensors"), ("model", "safetensors"),
+                ("diffusion_pytorch_model", "bin"), ("pytorch_model", "bin"))
+# safetensors dtype names -> numpy (bfloat16 from ml_dtypes, which JAX depends on).
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
 # Buffers that transformers / diffusers checkpoints carry but that hold no parameters.
 IGNORED_KEYS = (re.compile(r".*\.position_ids$"),)
 # diffusers renamed the VAE attention weights in 0.14; old checkpoints still use the old names.
@@ -41,17 +49,21 @@ def read_json(path: str) -> Dict[str, Any]:
 
 
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-    try:
-        return load_file(path)
-    except TypeError:  # bfloat16 tensors have no numpy dtype in safetensors.numpy
-        return _read_safetensors_via_torch(path)
-
-
-def _read_safetensors_via_torch(path: str) -> Dict[str, np.ndarray]:
-    _require_torch(path)  # a clear error when torch is missing
-    from safetensors.torch import load_file
-    return {k: v.float().numpy() for k, v in load_file(path).items()}
+    """Every tensor of a .safetensors file, bfloat16 ones as float32 (safetensors.numpy cannot
+    read bfloat16, numpy having no such dtype)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        data = memoryview(f.read())  # tensors are views of it, not copies
+    header.pop("__metadata__", None)
+    out = {}
+    for key, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise WeightLoadError(f"{path}: tensor {key} has dtype {info['dtype']}; expected one of "
+                                  f"{', '.join(SAFETENSORS_DTYPES)}")
+        start, end = info["data_offsets"]
+        array = np.frombuffer(data[start:end], SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[key] = array.astype(np.float32) if info["dtype"] == "BF16" else array
+    return out
 
 
 def _require_torch(path: str):
@@ -75,15 +87,13 @@ def find_weight_file(folder: str, variant: Optional[str] = None) -> str:
         raise WeightLoadError(f"missing model folder {folder}")
     suffix = f".{variant}" if variant else ""
     tried = []
-    for ext in ("safetensors", "bin"):
-        for stem in WEIGHT_NAMES:
-            for name in (f"{stem}{suffix}.{ext}", f"{stem}.{ext}.index{suffix}.json",
-                         f"{stem}{suffix}.{ext}.index.json", f"pytorch_{stem}{suffix}.{ext}"):
-                tried.append(name)
-                path = os.path.join(folder, name)
-                if os.path.isfile(path):
-                    return path
-    raise WeightLoadError(f"no weight file in {folder}; looked for {', '.join(sorted(set(tried)))}")
+    for stem, ext in WEIGHT_FILES:
+        for name in (f"{stem}{suffix}.{ext}", f"{stem}.{ext}.index{suffix}.json", f"{stem}{suffix}.{ext}.index.json"):
+            tried.append(name)
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    raise WeightLoadError(f"no weight file in {folder}; looked for {', '.join(dict.fromkeys(tried))}")
 
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -323,6 +324,39 @@ def test_wrong_shape_is_named(unet_copy):
     save_safetensors(state, find_weight_file(folder))
     with pytest.raises(WeightLoadError, match=rf"{key}.*shape"):
         load_component(folder, _target(folder))
+
+
+def test_bfloat16_safetensors_load_without_torch(unet_copy, tmp_path, monkeypatch):
+    # diffusers writes bfloat16 files for bf16 models; numpy has no bfloat16, ml_dtypes (JAX's) has.
+    import ml_dtypes
+    from safetensors.torch import save_file
+    folder, state = unet_copy
+    path = str(tmp_path / "bf16.safetensors")
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)).bfloat16() for k, v in state.items()}, path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
+    got = read_state_dict(path)
+    assert got.keys() == state.keys()
+    for key, value in state.items():
+        assert got[key].dtype == np.float32
+        np.testing.assert_array_equal(got[key], value.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=key)
+
+
+def test_transformers_4_shard_index_is_found(tmp_path):
+    (tmp_path / "pytorch_model.bin.index.json").write_text("{}")
+    assert find_weight_file(str(tmp_path)) == str(tmp_path / "pytorch_model.bin.index.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightLoadError, match=r"looked for diffusion_pytorch_model\.safetensors, .*pytorch_model\.bin"):
+        find_weight_file(str(tmp_path / "empty"))
+
+
+def test_an_inpainting_unet_is_refused_by_name(sd_dirs, tmp_path):
+    folder = str(tmp_path / "inpaint")
+    shutil.copytree(sd_dirs["sd2"], folder)
+    config_path = os.path.join(folder, "unet", "config.json")
+    config = json.load(open(config_path))
+    json.dump(dict(config, in_channels=9), open(config_path, "w"))
+    with pytest.raises(ValueError, match="U-Net takes 9 input channels, the VAE's latents have 4.*inpainting"):
+        load_pretrained(folder)
 
 
 def test_missing_config_is_named(unet_copy):
