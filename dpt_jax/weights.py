@@ -52,8 +52,11 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
     """Every tensor of a .safetensors file, bfloat16 ones as float32 (safetensors.numpy cannot
     read bfloat16, numpy having no such dtype)."""
     with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        data = memoryview(f.read())  # tensors are views of it, not copies
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_size))
+        # Tensors are views of one writable buffer (as safetensors.numpy's arrays are writable).
+        data = memoryview(bytearray(os.path.getsize(path) - 8 - header_size))
+        f.readinto(data)
     header.pop("__metadata__", None)
     out = {}
     for key, info in header.items():
