@@ -8,7 +8,7 @@ import ml_collections
 from dpt_jax.default_config import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     c = base("pretrain")
     c.arch = "shapes"           # a key of dpt_jax.builtin_models.ARCHS
     c.batch_size = 32

@@ -3,10 +3,12 @@
     dpt-jax train --config configs/probe_sd14.py --workdir runs/probe_sd14 \
         --config.pretrained=/path/to/stable-diffusion-v1-4
 """
+import ml_collections
+
 from dpt_jax.default_config import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     c = base("probe")
     c.pretrained = "/path/to/stable-diffusion-v1-4"
     c.batch_size = 48 * 8  # 48 per GPU on the official 8 GPUs

@@ -6,10 +6,12 @@
 The REC weight is 0.1 here (the recipe's is 1): at weight 1 the REC gradient is ~15x the ITM one
 and, clipped to global norm 1, leaves ITM near chance for the first few hundred steps.
 """
+import ml_collections
+
 from dpt_jax.demo import demo_config
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     c = demo_config("probe", quick=False)
     # 200 steps left the ITM gain within the run-to-run spread of float rounding (one of three
     # seeds failed the CI test's bar); 300 cleared it on all three.

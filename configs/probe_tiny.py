@@ -2,8 +2,10 @@
 
     dpt-jax train --config configs/probe_tiny.py --workdir runs/probe_tiny
 """
+import ml_collections
+
 from dpt_jax.default_config import tiny
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     return tiny("probe")

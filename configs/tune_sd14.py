@@ -7,10 +7,12 @@ on fewer, raise grad_accum to keep a device's share near 8. Where 8 a device do 
     dpt-jax train --config configs/tune_sd14.py --workdir runs/tune_sd14 \
         --config.pretrained=/path/to/stable-diffusion-v1-4 --config.init_from=runs/probe_sd14
 """
+import ml_collections
+
 from dpt_jax.default_config import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     c = base("tune")
     c.batch_size = 8 * 8 * 8  # 8 per GPU on the official 8 GPUs, 8 accumulation steps
     c.pretrained = "/path/to/stable-diffusion-v1-4"

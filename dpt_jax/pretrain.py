@@ -64,8 +64,13 @@ def set_scaling_factor(folder: str, config: ml_collections.ConfigDict, num_sampl
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> str:
-    from dpt_jax.train import train_stage
+    from dpt_jax.train import check_config, train_stage
     start = time.perf_counter()
+    for stage in ("autoencoder", "pretrain"):  # a bad value named before the first stage's minutes
+        try:
+            check_config(stage_config(config, stage, config.pretrained))
+        except ValueError as error:
+            raise ValueError(f"the {stage} stage (config.{stage} overrides keys for it): {error}") from None
     init_dir = os.path.join(workdir, "init-sd")
     if not os.path.isfile(os.path.join(init_dir, "model_index.json")):
         builtin_models.build_random_sd(init_dir, seed=config.seed, **builtin_models.ARCHS[config.arch])

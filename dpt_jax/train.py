@@ -12,6 +12,7 @@ same workdir resumes exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import flax
 import jax
@@ -41,6 +42,10 @@ from dpt_jax.pipeline import StableDiffusion, load_pretrained
 
 Params = Dict[str, Any]
 STAGES = ("probe", "tune", "pretrain", "autoencoder")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Config keys that count something: each at least 1.
+COUNTS = ("batch_size", "grad_accum", "steps_per_call", "num_steps", "log_every", "checkpoint_every",
+          "keep_checkpoints", "fsdp")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,8 +93,38 @@ class TrainState:
     rng: jax.Array          # base key: per-sample noise is keyed by the sample id
 
 
+def config_dtype(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The dtype named by ``config[key]`` (``dtype``: compute, ``frozen_dtype``: frozen weights)."""
+    name = config.get(key, "float32")
+    if name not in DTYPES:
+        raise ValueError(f"config.{key}={name!r}: expected {' | '.join(DTYPES)} (the official recipe's fp16 "
+                         "mixed precision is bfloat16 here, whose range needs no loss scaling)")
+    return DTYPES[name]
+
+
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+    return config_dtype(config, "dtype")
+
+
+def _check_count(config: ml_collections.ConfigDict, key: str, minimum: int, meaning: str = "") -> None:
+    value = config.get(key, minimum)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.{key}={value!r}: expected an integer >= {minimum}{meaning}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The run's settings checked before anything is loaded or compiled: a bad value is named
+    with what is expected, not met later as a KeyError or a ZeroDivisionError (after a compile)."""
+    if config.stage not in STAGES:
+        raise ValueError(f"config.stage={config.stage!r}: expected one of {' | '.join(STAGES)}")
+    for key in ("dtype", "frozen_dtype"):
+        config_dtype(config, key)
+    for key in COUNTS:
+        _check_count(config, key, 1)
+    _check_count(config, "eval_every", 0, " (0: no evaluation)")
+    if config.eval_every:
+        _check_count(config, "eval_size", 1)
+    check_steps_per_call(config)
 
 
 def build_adapter(config: ml_collections.ConfigDict, sd: StableDiffusion) -> DiscriminativeAdapter:
@@ -193,10 +228,54 @@ def init_trainable(config: ml_collections.ConfigDict, sd: StableDiffusion, obj: 
     adapter_rng, lora_rng = jax.random.split(rng)
     params = {"adapter": init_adapter_params(obj, sd, adapter_rng, latent_size(config, sd)), "lora": {}}
     if config.get("init_from"):
-        params["adapter"] = checkpoints.restore_adapter(config.init_from, params["adapter"])
+        try:
+            params["adapter"] = checkpoints.restore_adapter(config.init_from, params["adapter"])
+        except checkpoints.ShapeMismatchError as error:
+            step_dir = checkpoints.resolve_step_dir(config.init_from)
+            # The stage differs by design; the adapter's keys and the model's text width do not.
+            raise mismatch_error(error, config, run_config_path(step_dir), {"adapter", "pretrained"},
+                                 f"config.init_from={config.init_from!r}: ",
+                                 "The adapter config must be that of the run it comes from") from None
     if obj.lora is not None:
         params["lora"] = init_lora(sd.unet_params, obj.lora, lora_rng)
     return params
+
+
+def run_config_path(step_dir: str) -> str:
+    """The config.json of the run that wrote the checkpoint ``WORKDIR/checkpoints/STEP``."""
+    return os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json")
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_differences(config: ml_collections.ConfigDict, saved_path: str, sections: Collection[str]) -> List[str]:
+    """The keys under ``sections`` (top-level names) whose values differ between ``config`` and
+    the saved config ``saved_path`` (none where it is missing), as ``key=saved there, now here``."""
+    if not os.path.isfile(saved_path):
+        return []
+    with open(saved_path) as f:
+        saved = _flat(json.load(f))
+    now = _flat(json.loads(config.to_json_best_effort()))
+    return [f"{k}={saved.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(saved) | set(now))
+            if k.split(".")[0] in sections and saved.get(k) != now.get(k)]
+
+
+def mismatch_error(error: checkpoints.ShapeMismatchError, config: ml_collections.ConfigDict, saved_path: str,
+                   sections: Collection[str], lead: str, advice: str) -> ValueError:
+    """``error`` with ``advice`` and the config keys likely to have changed the arrays' shapes: those
+    under ``sections`` that differ from the saved config ``saved_path``, or else the sections."""
+    keys = config_differences(config, saved_path, sections)
+    likely = (f"keys that differ from {saved_path}: {'; '.join(keys[:4])}" if keys else
+              "keys likely responsible: " + ", ".join(f"config.{k}" for k in sorted(sections)))
+    return ValueError(f"{lead}{error}. {advice} ({likely})")
 
 
 def init_state(config: ml_collections.ConfigDict, sd: StableDiffusion, obj: Any,
@@ -292,13 +371,36 @@ def make_dataset(config: ml_collections.ConfigDict, split: str) -> Any:
     return sources.make_dataset(config.data, split)
 
 
-def out_of_memory_advice(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> str:
-    """What to change when a train step does not fit a device: its share of a micro-batch."""
+def micro_batch_size(config: ml_collections.ConfigDict) -> int:
+    """The samples of one micro-batch of a train step (split over the devices), and of evaluation."""
+    return config.batch_size // config.grad_accum
+
+
+def eval_batch_count(config: ml_collections.ConfigDict, val_size: int) -> int:
+    """The micro-batches (:func:`micro_batch_size`) an evaluation runs: ``eval_size`` rounded up to
+    whole ones, as far as the val split goes. Whole micro-batches weigh every sample alike in the
+    means and compile once; one holds no more than a train step already fits (and no backward pass)."""
+    size = micro_batch_size(config)
+    count = min(-(-config.eval_size // size), val_size // size)
+    if count == 0:
+        raise ValueError(f"the val split has {val_size} samples, fewer than one evaluation micro-batch of {size} "
+                         f"(batch_size={config.batch_size} / grad_accum={config.grad_accum}): raise "
+                         "--config.grad_accum, use a larger val split, or set --config.eval_every=0")
+    if count * size != config.eval_size:
+        logging.warning("evaluation: %d val samples, eval_size=%d rounded to whole micro-batches of %d "
+                        "(batch_size / grad_accum) within the val split's %d", count * size, config.eval_size,
+                        size, val_size)
+    return count
+
+
+def out_of_memory_advice(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, what: str = "step") -> str:
+    """What to change when a train step (or evaluation, ``what``) does not fit a device: its share
+    of a micro-batch."""
     devices = parallel.num_batch_shards(mesh)
-    share = config.batch_size // (config.grad_accum * devices)
+    share = micro_batch_size(config) // devices
     remat = ", set --config.remat=True (about half the memory)" if (
         config.stage in ("tune", "pretrain") and not config.remat) else ""
-    return (f"the {config.stage} step does not fit a device's memory with {share} samples a device "
+    return (f"the {config.stage} {what} does not fit a device's memory with {share} samples a device "
             f"(batch_size={config.batch_size} in grad_accum={config.grad_accum} micro-batches on {devices} "
             f"device{'s' if devices > 1 else ''}): raise --config.grad_accum{remat} or lower --config.batch_size")
 
@@ -307,27 +409,25 @@ class Trainer:
     """Everything a run holds: model, mesh, jitted step, checkpoints and metric writers."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        check_config(config)
         self.config, self.workdir = config, workdir
         self.mesh = parallel.make_mesh(fsdp=config.get("fsdp", 1))
         parallel.check_divisible(config.batch_size, self.mesh)
         if config.batch_size % (config.grad_accum * parallel.num_batch_shards(self.mesh)):
             raise ValueError(f"batch_size={config.batch_size} must split into grad_accum={config.grad_accum} "
                              f"micro-batches over {parallel.num_batch_shards(self.mesh)} devices")
-        self.steps_per_call = check_steps_per_call(config)
-        param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("frozen_dtype", "float32")]
-        self.sd = load_pretrained(config.pretrained, dtype=compute_dtype(config), param_dtype=param_dtype,
-                                  remat=config.remat)
+        self.steps_per_call = config.steps_per_call
+        self.sd = load_pretrained(config.pretrained, dtype=compute_dtype(config),
+                                  param_dtype=config_dtype(config, "frozen_dtype"), remat=config.remat)
         self.objective = build_objective(config, self.sd)
         self.schedule = learning_rate(config)
         self.optimizer = make_optimizer(config)
         self.frozen = parallel.shard_frozen({k: v for k, v in self.sd.frozen_params().items()
                                              if k not in self.objective.trainable_names}, self.mesh)
-        self.train_data = make_dataset(config, "train")
-        self.val_data = make_dataset(config, "val")
-        for data in (self.train_data, self.val_data):
-            if hasattr(data, "check_compatible"):  # precomputed latents and text states
-                size = latent_size(config, self.sd)
-                data.check_compatible((size, size, self.sd.unet.config.in_channels), self.sd.text_width)
+        self.train_data = self._open_data("train")
+        # Only evaluation reads the val split: a run without one needs none (a source's val_path unset).
+        self.val_data = self._open_data("val") if config.eval_every else None
+        self.eval_batches = eval_batch_count(config, len(self.val_data)) if self.val_data is not None else 0
         replicated = parallel.replicated(self.mesh)
         self._step_fn = packed_step_function(self.objective, self.optimizer, self.schedule, config.grad_accum,
                                              self.steps_per_call)
@@ -337,20 +437,34 @@ class Trainer:
         self.ckpt = checkpoints.Manager(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                         config.keep_checkpoints)
 
+    def _open_data(self, split: str) -> Any:
+        data = make_dataset(self.config, split)
+        if hasattr(data, "check_compatible"):  # precomputed latents and text states
+            size = latent_size(self.config, self.sd)
+            data.check_compatible((size, size, self.sd.unet.config.in_channels), self.sd.text_width)
+        return data
+
+    @contextlib.contextmanager
+    def _memory_advice(self, what: str) -> Iterator[None]:
+        """A device's RESOURCE_EXHAUSTED (compiling or running ``what``) as a MemoryError that says
+        what to change."""
+        try:
+            yield
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            raise MemoryError(f"{out_of_memory_advice(self.config, self.mesh, what)}. XLA: "
+                              f"{str(error).strip().splitlines()[0][:400]}") from error
+
     def step(self, state: Packed, batch: Dict[str, jax.Array]) -> Tuple[Packed, Dict[str, jax.Array]]:
         """``steps_per_call`` train steps on the packed state (:meth:`pack`; donated) and the
         batch of :meth:`local_batch`; metrics have a row per step. The first call compiles
         it, the frozen weights' layout left to XLA (``parallel.compile_with_frozen_layouts``), and
         lays ``self.frozen`` out so; the program then runs as compiled, no retracing."""
-        try:
+        with self._memory_advice("step"):
             if self._compiled_step is None:
                 self._compile(state, batch)
             return self._compiled_step(state, self.frozen, batch)
-        except jax.errors.JaxRuntimeError as error:
-            if "RESOURCE_EXHAUSTED" not in str(error):
-                raise
-            raise MemoryError(f"{out_of_memory_advice(self.config, self.mesh)}. XLA: "
-                              f"{str(error).strip().splitlines()[0][:400]}") from error
 
     def _compile(self, state: Packed, batch: Dict[str, jax.Array]) -> None:
         replicated = parallel.replicated(self.mesh)
@@ -365,7 +479,14 @@ class Trainer:
 
     def initial_state(self) -> TrainState:
         state = parallel.replicate(init_state(self.config, self.sd, self.objective, self.optimizer), self.mesh)
-        restored = self.ckpt.restore_latest(state)
+        try:
+            restored = self.ckpt.restore_latest(state)
+        except checkpoints.ShapeMismatchError as error:
+            modules = {m for m in ("adapter", "lora") if any(m in p.split("/") for p in error.paths)}
+            raise mismatch_error(error, self.config, os.path.join(self.workdir, "config.json"),
+                                 {"stage", "pretrained"} | modules, "",
+                                 f"{self.workdir} was trained with a different config: use a new --workdir, "
+                                 "or the config it was trained with") from None
         return restored if restored is not None else state
 
     def pack(self, state: TrainState) -> Packed:
@@ -397,22 +518,23 @@ class Trainer:
                                       *steps)
 
     def evaluate(self, state: Packed) -> Dict[str, float]:
-        """Mean metrics over the val split's first ``eval_size`` samples at t = 500."""
-        n, bs = min(self.config.eval_size, len(self.val_data)), self.config.batch_size
+        """Mean metrics over the val split's first :func:`eval_batch_count` micro-batches (about
+        ``eval_size`` samples) at t = 500."""
+        size, count = micro_batch_size(self.config), self.eval_batches
         totals: Dict[str, float] = {}
-        count = n // bs
 
         def local_batch(j: int) -> Dict[str, np.ndarray]:
-            rows = np.array_split(np.arange(j * bs, (j + 1) * bs), jax.process_count())[jax.process_index()]
+            rows = np.array_split(np.arange(j * size, (j + 1) * size), jax.process_count())[jax.process_index()]
             return batches.fixed_batch(self.val_data, self.sd.tokenizer, rows)
 
         with Prefetcher(local_batch, count, self.config.data.prefetch) as batch_of:
             for j in range(count):
                 batch = parallel.global_batch(batch_of(j), self.mesh)
-                metrics = jax.device_get(self.eval_fn(state, self.frozen, batch))
+                with self._memory_advice("evaluation"):
+                    metrics = jax.device_get(self.eval_fn(state, self.frozen, batch))
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
-        return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
+        return {f"val_{k}": v / count for k, v in totals.items()}
 
 
 def _summary(trainer: Trainer, calls: List[Dict[str, Any]], done: int, seconds: float) -> Dict[str, float]:
@@ -432,16 +554,25 @@ def _summary(trainer: Trainer, calls: List[Dict[str, Any]], done: int, seconds: 
     return last
 
 
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """``WORKDIR/config.json``, from which :func:`load_trained` rebuilds the run: written once the
+    state is restored or initialised, so that a resume that fails (another adapter shape) leaves
+    the config of the workdir's checkpoints, and whole (a temporary file renamed over it)."""
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     """Run (or resume) a training run; returns the last logged metrics (``preempted`` set when a
     SIGTERM stopped it early)."""
     from tqdm import tqdm
+    trainer = Trainer(config, workdir)  # first: a bad config leaves no workdir behind
     os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     state = trainer.initial_state()
+    if jax.process_index() == 0:
+        save_config(config, workdir)
     start, k = int(state.step), trainer.steps_per_call
     if start % k:
         raise ValueError(f"the checkpoint in {trainer.ckpt.directory} is of step {start}, not a multiple of "
@@ -462,10 +593,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                 state, metrics = trainer.step(state, parallel.global_batch(local_batch(call), trainer.mesh))
                 pending.append(metrics)
                 done = (call + 1) * k
-                if done % config.log_every == 0 or done == config.num_steps or trainer.ckpt.should_save(done):
+                # An evaluation step is a logging step too: its row holds the val metrics.
+                eval_due = config.eval_every and (done % config.eval_every == 0 or done == config.num_steps)
+                if (eval_due or done % config.log_every == 0 or done == config.num_steps
+                        or trainer.ckpt.should_save(done)):
                     last = _summary(trainer, jax.device_get(pending), done, time.perf_counter() - t0)
                     pending, t0 = [], time.perf_counter()
-                    if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+                    if eval_due:
                         last.update(trainer.evaluate(state))
                     writer.write(done, last)
                     progress.set_postfix(loss=f"{last['loss']:.4f}")
@@ -500,8 +634,7 @@ class TrainedRun:
 def load_trained(path: str, pretrained: Optional[str] = None) -> TrainedRun:
     """A training workdir (its newest step) or one step folder ``WORKDIR/checkpoints/STEP``."""
     step_dir = checkpoints.resolve_step_dir(path)
-    workdir = os.path.dirname(os.path.dirname(step_dir))
-    config_path = os.path.join(workdir, "config.json")
+    config_path = run_config_path(step_dir)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} is missing: the checkpoint's run config is needed to rebuild it")
     with open(config_path) as f:

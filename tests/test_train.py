@@ -1,5 +1,8 @@
 """Stage-1 / stage-2 training on the builtin tiny SD and the synthetic shapes set."""
+import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +15,8 @@ from dpt_jax import checkpoints
 from dpt_jax.default_config import load_config_file, tiny
 from dpt_jax.evaluate import evaluate_discriminative
 from dpt_jax.metrics import read_metrics
-from dpt_jax.train import STAGES, build_objective, check_steps_per_call, load_trained, make_dataset, train
+from dpt_jax.train import (STAGES, Trainer, build_objective, check_config, check_steps_per_call, load_trained,
+                           make_dataset, train)
 from dpt_jax.testing import cpu_process_env, row_moves, with_hlo_dump
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,9 +26,14 @@ def _params(workdir):
     return checkpoints.restore_raw(workdir)["params"]
 
 
+def _abs_diffs(a, b):
+    """|a - b| of every parameter element, flat."""
+    return np.concatenate([np.abs(np.ravel(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                           for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))])
+
+
 def _max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return float(_abs_diffs(a, b).max())
 
 
 def _small(stage="probe", steps=6, **overrides):
@@ -66,20 +75,27 @@ def test_probe_loss_falls_and_itm_accuracy_rises_above_chance(tmp_path):
 @pytest.mark.parametrize("stage", ["probe", "tune"])
 def test_resume_matches_uninterrupted_run(tmp_path, stage, monkeypatch):
     from dpt_jax import packing, train as train_module
+    # The probe runs evaluate every 3 steps, logging every 2: on steps 3 and 6, of 8 val samples
+    # (eval_size 6 rounded up to a whole micro-batch of 8), the one at 6 after the resume.
+    settings = dict(log_every=2, eval_every=3, eval_size=6) if stage == "probe" else {}
     if stage == "probe":  # the state packed as on an accelerator (a CPU's default packs nothing)
         monkeypatch.setattr(packing, "default_max_size", lambda: packing.SMALL_LEAF)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    on_demand = _small(stage, steps=6)
+    on_demand = _small(stage, steps=6, **settings)
     on_demand.data.prefetch = 0  # the other run builds batches ahead: that must change nothing
     train(on_demand, full)
     with monkeypatch.context() as m:  # the run is interrupted (as by SIGTERM) after step 3
         m.setattr(train_module.Preemption, "reached", lambda self, step: step == 3)
-        assert train(_small(stage, steps=6), part)["preempted"]
-    train(_small(stage, steps=6), part)  # the same command on the same workdir resumes at step 3
+        assert train(_small(stage, steps=6, **settings), part)["preempted"]
+    train(_small(stage, steps=6, **settings), part)  # the same command on the same workdir resumes at step 3
     assert _max_diff(_params(full), _params(part)) == 0.0
-    rows_full = {r["step"]: r["loss"] for r in read_metrics(full)}
-    rows_part = {r["step"]: r["loss"] for r in read_metrics(part)}
-    assert [rows_part[s] for s in range(1, 7)] == [rows_full[s] for s in range(1, 7)]
+    rows_full, rows_part = ({r["step"]: r for r in read_metrics(w)} for w in (full, part))
+    assert sorted(rows_part) == sorted(rows_full) == ([2, 3, 4, 6] if settings else list(range(1, 7)))
+    for step, row in rows_full.items():
+        assert {k: v for k, v in rows_part[step].items() if k != "steps_per_s"} == {
+            k: v for k, v in row.items() if k != "steps_per_s"}, step
+    evaluated = [step for step, row in rows_full.items() if "val_loss" in row]
+    assert evaluated == ([3, 6] if settings else [])
 
 
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
@@ -142,16 +158,19 @@ def test_eight_devices_match_one_device(tmp_path, config):
     # Data parallelism: a sample's candidate rows stay on the sample's device, so the step's only
     # collectives are all-reduces (gradients, metrics), none that moves rows between devices.
     assert row_moves(hlo, "train_steps") == []
-    diff = _max_diff(_params(runs[1]), _params(runs[8]))
-    print(f"{config}: max |params(8 devices) - params(1 device)| = {diff:.2e}")
+    diffs = _abs_diffs(_params(runs[1]), _params(runs[8]))
+    print(f"{config}: |params(8 devices) - params(1 device)|: max {diffs.max():.2e}, "
+          f"99.9th percentile {np.percentile(diffs, 99.9):.2e}")
     # The first step agrees to float32 rounding: the same samples and math, the gradients' mean
     # over devices (a sum, or a wrong split of the batch, would not; AdamW would hide a sum later).
     first = [{r["step"]: r for r in read_metrics(runs[d])}[1] for d in (1, 8)]
     for key in ("loss", "grad_norm"):
         assert abs(first[1][key] - first[0][key]) <= 1e-6 * abs(first[0][key]), key
     # Then the all-reduce's float32 summation order, which AdamW can turn into up to about lr per
-    # step on a parameter whose gradient is near zero: seen 4.8e-6 to 1.0e-5 with lr 1e-3.
-    assert diff < 1e-4
+    # step on the few elements whose gradient is near zero or flips sign (a ReLU at its kink): the
+    # max seen 4.8e-6 to 2.1e-4 with lr 1e-3 (3 steps), the 99.9th percentile 6.1e-6. Data split
+    # wrongly would move most elements by about lr.
+    assert np.percentile(diffs, 99.9) < 3e-5 and diffs.max() < 3e-3
 
 
 def test_unknown_config_key_and_missing_model_are_named(tmp_path):
@@ -165,6 +184,110 @@ def test_unknown_config_key_and_missing_model_are_named(tmp_path):
     assert result.returncode != 0
     assert f"dpt-jax train: pretrained model directory {tmp_path / 'no_model'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("dtype", "float16", r"config.dtype='float16': expected float32 \| bfloat16 \(the official recipe's fp16 "
+                         r"mixed precision is bfloat16 here"),
+    ("frozen_dtype", "fp32", r"config.frozen_dtype='fp32': expected float32 \| bfloat16"),
+    ("grad_accum", 0, r"config.grad_accum=0: expected an integer >= 1"),
+    ("checkpoint_every", 0, r"config.checkpoint_every=0: expected an integer >= 1"),
+    ("eval_every", -1, r"config.eval_every=-1: expected an integer >= 0 \(0: no evaluation\)"),
+])
+def test_a_bad_config_value_is_named_before_anything_loads(tmp_path, key, value, expected):
+    # Checked first: no model loaded, nothing compiled, no workdir made (a KeyError, or a
+    # ZeroDivisionError after the first step's compile, before).
+    c = _small()
+    c[key] = value
+    with pytest.raises(ValueError, match=expected):
+        train(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_pretrain_names_a_bad_value_of_a_stage_before_building_a_model(tmp_path):
+    from dpt_jax.pretrain import pretrain
+    c = load_config_file(os.path.join(REPO, "configs", "pretrain_shapes.py"))
+    c.pretrain.num_steps = 0
+    with pytest.raises(ValueError, match=r"^the pretrain stage \(config.pretrain overrides keys for it\): "
+                       r"config.num_steps=0: expected an integer >= 1$"):
+        pretrain(c, str(tmp_path / "work"), str(tmp_path / "model"))
+    assert not os.path.exists(tmp_path / "work")
+
+
+def test_a_resume_or_init_from_of_other_shapes_is_refused_by_name_and_keeps_config_json(tmp_path):
+    # Named before orbax's restore (its error names neither array nor checkpoint) or flax's apply;
+    # the workdir's config.json stays the one of its checkpoints, from which load_trained rebuilds it.
+    workdir = str(tmp_path / "probe")
+    train(_small("probe", steps=1, checkpoint_every=1), workdir)
+    w = re.escape(workdir)
+    wider = _small("probe", steps=1, checkpoint_every=1)
+    wider.adapter.d_model = 32
+    with pytest.raises(ValueError, match=rf"the checkpoint {w}/checkpoints/1 holds arrays of other shapes "
+                       r"than this run's: params/adapter/\S+: \(64,\) in the checkpoint, \(32,\) in this run; .*"
+                       rf"{w} was trained with a different config: use a new --workdir, or the config it was "
+                       rf"trained with \(keys that differ from {w}/config.json: adapter.d_model=64 there, 32 "
+                       r"here\)$"):
+        train(wider, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["adapter"]["d_model"] == 64
+    run = load_trained(workdir)
+    assert run.adapter.d_model == 64 and run.step == 1
+    tune = _small("tune", steps=1, init_from=workdir)
+    tune.adapter.num_itm_queries = 6
+    with pytest.raises(ValueError, match=rf"config.init_from='{w}': the checkpoint {w}/checkpoints/1 "
+                       r"holds arrays of other shapes than this run's: params/adapter/query_embed/embedding: "
+                       r"\(12, 64\) in the checkpoint, \(14, 64\) in this run\. The adapter config must be that "
+                       rf"of the run it comes from \(keys that differ from {w}/config.json: "
+                       r"adapter.num_itm_queries=4 there, 6 here\)$"):
+        train(tune, str(tmp_path / "tune"))
+
+
+def _negclip_tsv(folder):
+    from PIL import Image
+    folder.mkdir()
+    rows = ["\ttitle\tfilepath\tneg_caption\tneg_image"]
+    for k in range(4):
+        Image.new("RGB", (32, 32), (60 * k, 0, 0)).save(folder / f"{k}.png")
+        rows.append(f"{k}\tcaption {k}\t{k}.png\t{[f'neg {k}']!r}\t{[(k + 1) % 4]!r}")
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    return str(folder / "train.tsv")
+
+
+def test_a_run_without_evaluation_needs_no_val_split(tmp_path):
+    c = _small("probe")  # eval_every=0
+    c.data.update(name="negclip_tsv", path=_negclip_tsv(tmp_path / "data"), image_root=str(tmp_path / "data"))
+    trainer = Trainer(c, str(tmp_path / "run"))
+    assert trainer.val_data is None and len(trainer.train_data) == 4
+
+
+def test_evaluation_runs_the_train_steps_micro_batches_compiled_once(tmp_path, monkeypatch, caplog):
+    # A device evaluates what it trains on in a micro-batch (batch_size / grad_accum), never a
+    # whole batch; eval_size 6 becomes two micro-batches of 4 (whole ones: equal weights in the
+    # means), noted. Both evaluations run the one program compiled.
+    from dpt_jax import train as train_module
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(_small("probe", grad_accum=2, eval_every=2, eval_size=6), str(tmp_path))
+    assert "evaluation: 8 val samples, eval_size=6 rounded to whole micro-batches of 4" in caplog.text
+    rows, original = [], train_module.batches.fixed_batch
+
+    def fixed_batch(data, tokenizer, indices):
+        rows.append(list(indices))
+        return original(data, tokenizer, indices)
+    monkeypatch.setattr(train_module.batches, "fixed_batch", fixed_batch)
+    state = trainer.pack(trainer.initial_state())
+    first, second = trainer.evaluate(state), trainer.evaluate(state)
+    assert rows == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    assert first == second and {"val_loss", "val_itm_loss", "val_rec_loss"} <= set(first)
+    assert all(np.isfinite(v) for v in first.values())
+    assert trainer.eval_fn._cache_size() == 1
+
+    def out_of_memory(*args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM.\nmore")
+    trainer.eval_fn = out_of_memory
+    with pytest.raises(MemoryError, match=r"the probe evaluation does not fit a device's memory with 4 samples a "
+                       r"device \(batch_size=8 in grad_accum=2 micro-batches on 1 device\): raise "
+                       r"--config.grad_accum or lower --config.batch_size\. XLA: RESOURCE_EXHAUSTED"):
+        trainer.evaluate(state)
 
 
 def test_stage2_lora_and_adapter_move_frozen_weights_do_not(tmp_path):
@@ -298,6 +421,7 @@ def test_config_files_load_and_their_batches_split(name):
     # devices; the small configs over this machine's one.
     c = load_config_file(os.path.join(REPO, "configs", name))
     recipe = name.startswith(("probe_sd", "tune_sd"))
+    check_config(c)
     assert c.stage in STAGES and check_steps_per_call(c) == c.steps_per_call
     assert c.batch_size % (c.grad_accum * (8 if recipe else 1)) == 0, (c.batch_size, c.grad_accum)
     if recipe:
@@ -306,7 +430,6 @@ def test_config_files_load_and_their_batches_split(name):
 
 def test_a_step_out_of_device_memory_says_what_to_change(tmp_path, monkeypatch):
     from dpt_jax import parallel
-    from dpt_jax.train import Trainer
 
     def compile_out_of_memory(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
