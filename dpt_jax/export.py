@@ -27,6 +27,7 @@ import numpy as np
 from dpt_jax import weights
 from dpt_jax.lora import LoraSpec, lora_module_names, merge_lora
 from dpt_jax.models.adapter import adapter_config_dict, adapter_state_dict
+from dpt_jax.outputs import check_out_dir, replaced_dir
 from dpt_jax.scheduler import ddim_config
 from dpt_jax.weights import WeightLoadError, _flatten, _unflatten, torch_key_to_path
 
@@ -264,20 +265,6 @@ def _write_ddim_scheduler(source_config: Mapping[str, Any], out_dir: str) -> Non
 
 # --- the command ------------------------------------------------------------------------------
 
-def _check_out_dir(out_dir: str, overwrite: bool, keep: Sequence[str]) -> None:
-    """Fail before any work if ``out_dir`` may not be (over)written; ``keep`` are paths that
-    ``--overwrite`` must never delete (the checkpoint and the base model)."""
-    out = os.path.realpath(out_dir)
-    for path in keep:
-        path = os.path.realpath(path)
-        if path == out or path.startswith(out + os.sep):
-            raise ValueError(f"output directory {out_dir} holds {path}, which the export reads: pick another --out")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"output path {out_dir} is a file")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} exists and is not empty: pass --overwrite to replace it")
-
-
 def export(checkpoint: str, out_dir: str, merged: bool = False, adapter_only: bool = False,
            overwrite: bool = False, pretrained: Optional[str] = None) -> List[str]:
     """Export a training checkpoint (workdir or ``WORKDIR/checkpoints/STEP``); returns the written
@@ -286,18 +273,14 @@ def export(checkpoint: str, out_dir: str, merged: bool = False, adapter_only: bo
     from dpt_jax.train import load_trained
     if merged and adapter_only:
         raise ValueError("--merged and --adapter-only exclude each other")
-    _check_out_dir(out_dir, overwrite, [checkpoint])
+    check_out_dir(out_dir, overwrite, [checkpoint])
     run = load_trained(checkpoint, pretrained=pretrained)
     lora = run.params.get("lora") or {}
     if not lora and not adapter_only:
         raise ValueError(f"checkpoint {checkpoint} holds no LoRA (a stage-1 probe run): "
                          "pass --adapter-only to export the adapter alone")
-    _check_out_dir(out_dir, overwrite, [checkpoint, run.sd.path])
-    out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    check_out_dir(out_dir, overwrite, [checkpoint, run.sd.path])
+    with replaced_dir(out_dir) as tmp:
         written = []
         if lora and not adapter_only:
             written.append(save_lora(lora, run.lora_spec, tmp))
@@ -305,13 +288,7 @@ def export(checkpoint: str, out_dir: str, merged: bool = False, adapter_only: bo
         if merged:
             save_pipeline(run.sd, tmp, merge_lora(run.sd.unet_params, lora, run.lora_spec))
             written += [os.path.join(tmp, c, f) for c, f in COMPONENT_FILES.items()]
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]
+    return [os.path.join(os.path.abspath(out_dir), os.path.relpath(p, tmp)) for p in written]
 
 
 def main(argv: Sequence[str]) -> None:

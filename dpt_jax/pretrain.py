@@ -16,6 +16,7 @@ from typing import Sequence
 import ml_collections
 
 from dpt_jax import builtin_models, checkpoints
+from dpt_jax.outputs import check_out_dir, replaced_dir
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, pretrained: str) -> ml_collections.ConfigDict:
@@ -63,9 +64,10 @@ def set_scaling_factor(folder: str, config: ml_collections.ConfigDict, num_sampl
     return vae_config["scaling_factor"]
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> str:
+def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str, overwrite: bool = False) -> str:
     from dpt_jax.train import check_config, train_stage
     start = time.perf_counter()
+    check_out_dir(out_dir, overwrite, [workdir])
     for stage in ("autoencoder", "pretrain"):  # a bad value named before the first stage's minutes
         try:
             check_config(stage_config(config, stage, config.pretrained))
@@ -83,8 +85,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> s
         source = write_trained(source, os.path.join(workdir, f"{stage}-sd"), trained)
         if stage == "autoencoder":
             set_scaling_factor(source, stage_cfg)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.copytree(source, out_dir)
+    with replaced_dir(out_dir) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     print(f"pretrained SD written to {out_dir} in {time.perf_counter() - start:.0f} s")
     return out_dir
 
@@ -96,11 +98,13 @@ def main(argv: Sequence[str]) -> None:
 
     config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory of both stages.")
-    flags.DEFINE_string("out", None, "Where the diffusers directory of the trained model goes.")
+    flags.DEFINE_string("out", None, "Where the diffusers directory of the trained model goes (must be empty or "
+                        "absent unless --overwrite).")
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
     flags.mark_flags_as_required(["config", "workdir", "out"])
 
     def run(_):
         logging.set_verbosity(logging.WARNING)
-        pretrain(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out)
+        pretrain(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.overwrite)
 
     run_app(run, ["dpt-jax pretrain"] + list(argv))

@@ -285,7 +285,7 @@ def test_out_dir_errors(run_dir, tmp_path):
     assert result.returncode != 0 and "--overwrite" in result.stderr, result.stderr[-2000:]
     assert os.listdir(out) == ["keep.txt"]
     # --overwrite must never delete the checkpoint it reads.
-    with pytest.raises(SystemExit, match="export reads"):
+    with pytest.raises(SystemExit, match="which the command reads"):
         cli.main(["dpt-jax", "export", "--checkpoint", run_dir, "--out", run_dir, "--overwrite"])
     assert os.path.isdir(os.path.join(run_dir, "checkpoints"))
 

@@ -212,6 +212,13 @@ def test_pretrain_names_a_bad_value_of_a_stage_before_building_a_model(tmp_path)
                        r"config.num_steps=0: expected an integer >= 1$"):
         pretrain(c, str(tmp_path / "work"), str(tmp_path / "model"))
     assert not os.path.exists(tmp_path / "work")
+    # Nor does it replace a directory in the way, which it did at its end, without a word.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("not a model")
+    c.pretrain.num_steps = 1
+    with pytest.raises(FileExistsError, match=r"model exists and is not empty: pass --overwrite to replace it"):
+        pretrain(c, str(tmp_path / "work"), str(tmp_path / "model"))
+    assert (tmp_path / "model" / "keep.txt").exists() and not os.path.exists(tmp_path / "work")
 
 
 def test_a_resume_or_init_from_of_other_shapes_is_refused_by_name_and_keeps_config_json(tmp_path):

@@ -1,0 +1,41 @@
+"""Output directories of the commands that write one (``export``, ``pretrain``): refused before
+any work when something is in the way, and replaced whole at the end."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Iterator, Sequence
+
+
+def check_out_dir(out_dir: str, overwrite: bool, keep: Sequence[str] = ()) -> None:
+    """Fail if ``out_dir`` may not be (over)written: a file, a non-empty directory without
+    ``overwrite``, or a directory holding one of ``keep`` (inputs the command reads, which
+    ``--overwrite`` must never delete)."""
+    out = os.path.realpath(out_dir)
+    for path in keep:
+        path = os.path.realpath(path)
+        if path == out or path.startswith(out + os.sep):
+            raise ValueError(f"output directory {out_dir} holds {path}, which the command reads: pick another --out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"output path {out_dir} is a file")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} exists and is not empty: pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def replaced_dir(out_dir: str) -> Iterator[str]:
+    """A new sibling directory to write into, which replaces ``out_dir`` when the block ends
+    without an error; otherwise it is removed and ``out_dir`` left as it was."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
