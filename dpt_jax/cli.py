@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -20,17 +21,47 @@ from typing import Callable, Dict, List, Optional
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
 
+HELP_FLAGS = ("-h", "--help", "--helpshort")
+
+
 def run_app(main: Callable[[List[str]], None], argv: List[str]) -> None:
-    """absl's ``app.run``, with an override of a key the config lacks (``--config.no_such_key=1``)
-    named as a bad input: ml_collections raises it from inside absl's flag parser as an
-    ``AttributeError``, which absl would let through as a traceback."""
+    """absl's ``app.run`` for a command whose flags are defined, with: ``--help`` listing them
+    (absl lists only the flags of the program's main module, none of ours); a ``--config`` file
+    that does not exist named at once (ml_collections would raise an OSError at its first use,
+    deep in the run); an override of a key the config lacks (``--config.no_such_key=1``) named
+    as a bad input (ml_collections raises it from inside absl's flag parser as an
+    ``AttributeError``, which absl would let through as a traceback)."""
     from absl import app, flags
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        _print_help(argv[0])
+        raise SystemExit(0)
+    _check_config_file(argv)
     try:
         app.run(main, argv=argv)
     except (AttributeError, KeyError) as error:
         if flags.FLAGS.is_parsed():  # raised by the command itself, after parsing: not a bad flag
             raise
         raise ValueError(_unknown_config_key(error, argv)) from None
+
+
+def _print_help(program: str) -> None:
+    from absl import flags
+    print(f"usage: {program} --flag=value ...\n")
+    for module in sorted(flags.FLAGS.flags_by_module_dict()):
+        if not module.startswith("absl."):  # ours: defined in dpt_jax (or its __main__)
+            print(flags.FLAGS.module_help(module).strip().split("\n", 1)[1])  # without the module's name
+    print("\n  --config.KEY=VALUE: overrides a key of the config (an unknown key is an error)."
+          "\n  --helpfull: absl's flags too.")
+
+
+def _check_config_file(argv: List[str]) -> None:
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg[len("--config="):] if arg.startswith("--config=") else None)
+        path = value.split(":")[0] if value else None  # config_flags reads "FILE:ARGUMENT"
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--config {path}: no such file (expected a get_config() file, "
+                                    "e.g. configs/probe_tiny.py)")
 
 
 def _unknown_config_key(error: BaseException, argv: List[str]) -> str:
@@ -70,7 +101,7 @@ def _join_processes() -> None:
 def _lazy(module: str, function: str = "main", multi_process: bool = False) -> Callable[[List[str]], None]:
     def run(argv: List[str]) -> None:
         import importlib
-        if multi_process:
+        if multi_process and not any(arg in HELP_FLAGS for arg in argv[1:]):
             _join_processes()
         getattr(importlib.import_module(module), function)(argv[1:])
     return run
@@ -90,7 +121,6 @@ COMMANDS: Dict[str, Callable[[List[str]], None]] = {
 
 def use_compilation_cache() -> None:
     """XLA compilations persist across runs (``$DPT_JAX_XLA_CACHE``, default ~/.cache/dpt_jax/xla)."""
-    import os
     import jax
     path = os.environ.get("DPT_JAX_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dpt_jax", "xla"))
     jax.config.update("jax_compilation_cache_dir", path)
@@ -100,6 +130,8 @@ def use_compilation_cache() -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
+        if len(argv) >= 2 and argv[1] not in ("-h", "--help"):
+            print(f"dpt-jax: unknown command {argv[1]!r}\n")
         print(__doc__.strip())
         print(f"\ncommands: {', '.join(COMMANDS)}")
         raise SystemExit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help") else 2)

@@ -184,6 +184,12 @@ def test_unknown_config_key_and_missing_model_are_named(tmp_path):
     assert result.returncode != 0
     assert f"dpt-jax train: pretrained model directory {tmp_path / 'no_model'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    # A config file that is not there (a later --config wins in absl) and --help listing the flags.
+    result = _cli_train(str(tmp_path), "--config", "configs/nope.py")
+    assert "dpt-jax train: --config configs/nope.py: no such file" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    result = _cli_train(str(tmp_path), "--help")
+    assert result.returncode == 0 and "--workdir: Run directory" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("key, value, expected", [
