@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["dpt_jax", "dpt_jax.*"]),
     package_data={"dpt_jax": ["assets/**/*"]},
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10, flax 0.12, numpy 2.3, transformers 5
     install_requires=CORE,
     extras_require={
         "torch": TORCH,

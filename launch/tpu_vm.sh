@@ -122,6 +122,7 @@ fi
 # ---- commands -----------------------------------------------------------------------------------
 where=(--project="$project" --zone="$zone")
 remote_dir="dpt-jax"               # on each worker, under the login user's home
+remote_venv="dpt-jax-venv"         # there too: Python >= 3.11, which the pinned JAX stack needs
 log_file="dpt-jax-train.log"
 
 run() {  # print a command, then run it unless --dry-run
@@ -163,7 +164,15 @@ do_install() {
   run gcloud compute tpus tpu-vm scp "$archive" "$name":dpt-jax.tar.gz "${where[@]}" --worker=all
   local setup="set -e
 rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf dpt-jax.tar.gz -C $remote_dir
-python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e \"${remote_dir}[tpu]\""
+python=python3
+# The TPU VM images of Ubuntu 22.04 have Python 3.10; their apt has 3.11.
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv
+  python=python3.11
+fi
+\$python -m venv ~/$remote_venv
+~/$remote_venv/bin/python -m pip install -q --upgrade pip
+~/$remote_venv/bin/python -m pip install -q -e \"${remote_dir}[tpu]\""
   if [[ -n "$bucket" ]]; then
     # gcsfuse from Google's apt repository; --implicit-dirs shows folders made by other workers.
     setup+="
@@ -184,7 +193,7 @@ do_start() {
   # `stop`'s SIGTERM on to it and records its exit status for `logs`.
   local train="dpt-jax train --config $config --workdir $workdir${overrides[*]:+ ${overrides[*]}}"
   on_workers all "cd $remote_dir && rm -f ~/dpt-jax-train.rc && cat > ~/dpt-jax-run.sh <<'EOF'
-export PATH=\$HOME/.local/bin:\$PATH
+export PATH=\$HOME/$remote_venv/bin:\$PATH
 $train &
 child=\$!
 trap 'kill -TERM \$child' TERM

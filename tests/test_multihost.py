@@ -358,7 +358,10 @@ def test_launch_dry_runs_print_the_commands():
     for part in ("gcloud compute tpus tpu-vm create t1 --project=p --zone=us-central2-b --accelerator-type=v4-32",
                  "gcloud compute tpus tpu-vm scp", "--worker=all", "gcsfuse --implicit-dirs",
                  "dpt-jax train --config configs/probe_tiny.py --workdir /gcs/b/runs/x --config.batch_size=64 &",
-                 "trap 'kill -TERM $child' TERM", "tail -n +1 -F", "gcloud compute tpus tpu-vm delete t1"):
+                 "trap 'kill -TERM $child' TERM", "tail -n +1 -F", "gcloud compute tpus tpu-vm delete t1",
+                 # The images' Python 3.10 is too old for the pinned JAX stack: a 3.11 venv, on the PATH.
+                 "sys.version_info < (3, 11)", "python3.11-venv", '~/dpt-jax-venv/bin/python -m pip install -q -e',
+                 "export PATH=$HOME/dpt-jax-venv/bin:$PATH"):
         assert part in tpu.stdout, part
     queued = _script("tpu_vm.sh", "create", "--dry-run", "--queued", "--spot", "--project", "p", "--zone", "z",
                      "--accelerator-type", "v5litepod-16")
