@@ -24,6 +24,9 @@ ARCHS = {
     "shapes": dict(text_width=64, unet_width=64, vae_width=16, vae_levels=2),
 }
 BUILDERS = ("tiny-random",)
+# Part of a built model's cache folder: a change to what build_random_sd writes bumps it, so that a
+# cache made before is not read as the new model (2: the U-Net's sample_size is its latent side).
+BUILD_VERSION = 2
 
 
 def cache_dir() -> str:
@@ -43,7 +46,7 @@ def ensure(name: str) -> str:
         return SHIPPED[name]
     if name not in BUILDERS:
         raise ValueError(f"unknown builtin model {name!r}: expected one of {', '.join(sorted(BUILDERS + tuple(SHIPPED)))}")
-    folder = os.path.join(cache_dir(), name)
+    folder = os.path.join(cache_dir(), f"{name}-v{BUILD_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         tmp = f"{folder}.tmp{os.getpid()}"
         build_random_sd(tmp, seed=0, **ARCHS[name])
@@ -108,6 +111,8 @@ def build_random_sd(folder: str, seed: int = 0, text_width: int = 32, unet_width
     unet_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()}
     text_cfg = text_encoder_config(vocab_size, text_width)
     vae_cfg = vae_config(vae_width, vae_levels)
+    # The latent side of the VAE's images: what the U-Net trains on, and samples by default.
+    unet_cfg["sample_size"] = vae_cfg["sample_size"] // 2 ** (vae_levels - 1)
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     unet = UNet2DConditionModel(UNetConfig.from_dict(unet_cfg))
     vae = AutoencoderKL(VAEConfig.from_dict(vae_cfg))

@@ -43,6 +43,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--self-correction", default="0", dest="etas", help="t2i: comma-separated eta_sc values")
     p.add_argument("--steps", type=int, default=50, help="t2i: DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--latent-size", type=int, default=None, help="t2i: latent side (default: each U-Net's "
+                                                                 "sample_size)")
     args = p.parse_args(list(argv))
     for flag in ("num_samples", "draws", "batch_size", "steps"):
         if getattr(args, flag) < 1:
@@ -149,7 +151,7 @@ def evaluate_t2i_runs(args: argparse.Namespace) -> Dict[str, Any]:
     runs = {name: load_sampling_models(checkpoint=path) if _is_training_run(path)
             else load_sampling_models(pretrained=path) for name, path in args.runs}
     report = evaluate_t2i(runs, args.etas, prompts, scorer, args.out, args.steps, args.guidance, args.batch_size,
-                          args.seed)
+                          args.seed, args.latent_size)
     report.update(task="t2i", prompts=args.prompts, clip=args.clip, runs=dict(args.runs))
     return report
 

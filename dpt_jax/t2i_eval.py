@@ -8,7 +8,7 @@ per category. Each variant's images go to ``OUT/<variant>/`` with a grid and a m
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,20 +21,22 @@ def variant_name(run: str, eta_sc: float) -> str:
 
 
 def generate_variant(models: SamplingModels, eta_sc: float, prompts: Sequence[Prompt], out_dir: str, steps: int,
-                     guidance: float, batch_size: int, seed: int) -> np.ndarray:
+                     guidance: float, batch_size: int, seed: int, latent_size: Optional[int] = None) -> np.ndarray:
     """Images uint8 [N, H, W, 3] of every prompt, written as PNGs with a manifest and a grid (a
     rerun resumes an interrupted variant: :func:`dpt_jax.generate.generate_images`)."""
     jobs = [dict(prompt=prompt, category=category, seed=seed + i, model=models.source)
             for i, (prompt, category) in enumerate(prompts)]
-    _, images = generate_images(make_generator(models, steps=steps, guidance=guidance, eta_sc=eta_sc), jobs, out_dir,
+    _, images = generate_images(make_generator(models, steps=steps, guidance=guidance, eta_sc=eta_sc,
+                                                latent_size=latent_size), jobs, out_dir,
                                 batch_size, keep_images=len(jobs), desc=os.path.basename(out_dir))
     return images
 
 
 def evaluate_t2i(runs: Dict[str, SamplingModels], etas: Sequence[float], prompts: Sequence[Prompt], scorer: Any,
-                 out_dir: str, steps: int = 50, guidance: float = 7.5, batch_size: int = 8, seed: int = 0
-                 ) -> Dict[str, Any]:
-    """CLIP score of every (run, eta) variant; self-correction only for runs with an adapter."""
+                 out_dir: str, steps: int = 50, guidance: float = 7.5, batch_size: int = 8, seed: int = 0,
+                 latent_size: Optional[int] = None) -> Dict[str, Any]:
+    """CLIP score of every (run, eta) variant; self-correction only for runs with an adapter;
+    ``latent_size`` None: each model's U-Net ``sample_size``."""
     report: Dict[str, Any] = {"num_prompts": len(prompts), "steps": steps, "guidance": guidance, "seed": seed,
                               "variants": {}, "skipped": []}
     categories = [c for _, c in prompts]
@@ -45,7 +47,7 @@ def evaluate_t2i(runs: Dict[str, SamplingModels], etas: Sequence[float], prompts
                 report["skipped"].append(f"{name}: {run_name} has no adapter, so no self-correction")
                 continue
             images = generate_variant(models, eta, prompts, os.path.join(out_dir, name), steps, guidance,
-                                      batch_size, seed)
+                                      batch_size, seed, latent_size)
             scores = scorer.score(images, [p for p, _ in prompts])
             np.save(os.path.join(out_dir, name, "clip_scores.npy"), scores)
             report["variants"][name] = {"run": run_name, "eta_sc": eta,

@@ -155,7 +155,7 @@ def test_evaluate_t2i_clip_scores_every_variant(probe_run, tmp_path):
     report = evaluate_cli.main([
         "--task", "t2i", "--run", "base=builtin:tiny-random", "--run", f"probe={probe_run}",
         "--self-correction", "0,0.5", "--prompts", "shapes:3", "--steps", "2", "--batch-size", "4",
-        "--clip", clip_dir, "--out", out])
+        "--latent-size", "8", "--clip", clip_dir, "--out", out])
     assert list(report["variants"]) == ["base", "probe", "probe+sc0.5"]
     assert report["skipped"] == ["base+sc0.5: base has no adapter, so no self-correction"]
     scorer = load_clip(clip_dir)
@@ -163,6 +163,7 @@ def test_evaluate_t2i_clip_scores_every_variant(probe_run, tmp_path):
     assert [m["seed"] for m in manifest] == [0, 1, 2]
     from PIL import Image
     images = np.stack([np.asarray(Image.open(os.path.join(out, "probe+sc0.5", m["file"]))) for m in manifest])
+    assert images.shape[1:3] == (16, 16) and manifest[0]["latent_size"] == 8  # --latent-size, not sample_size 16
     expected = scorer.score(images, [m["prompt"] for m in manifest])
     got = report["variants"]["probe+sc0.5"]["clip_score"]
     assert got["all"]["n"] == 3 and got["all"]["mean"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
