@@ -9,6 +9,7 @@ Loading is strict: every Flax parameter must be filled and every tensor must lan
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -85,17 +86,21 @@ def _read_bin(path: str) -> Dict[str, np.ndarray]:
 
 
 def find_weight_file(folder: str, variant: Optional[str] = None) -> str:
-    """The weight file of one component folder: safetensors before .bin, sharded or not."""
+    """The weight file of one component folder: safetensors before .bin, sharded or not; a
+    component without ``variant`` files is read from its plain ones, as diffusers does."""
     if not os.path.isdir(folder):
         raise WeightLoadError(f"missing model folder {folder}")
-    suffix = f".{variant}" if variant else ""
     tried = []
-    for stem, ext in WEIGHT_FILES:
-        for name in (f"{stem}{suffix}.{ext}", f"{stem}.{ext}.index{suffix}.json", f"{stem}{suffix}.{ext}.index.json"):
-            tried.append(name)
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                return path
+    for suffix in ([f".{variant}"] if variant else []) + [""]:
+        for stem, ext in WEIGHT_FILES:
+            for name in (f"{stem}{suffix}.{ext}", f"{stem}.{ext}.index{suffix}.json",
+                         f"{stem}{suffix}.{ext}.index.json"):
+                tried.append(name)
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    if variant and not suffix:
+                        logging.warning("%s has no %s weights: reading %s", folder, variant, name)
+                    return path
     raise WeightLoadError(f"no weight file in {folder}; looked for {', '.join(dict.fromkeys(tried))}")
 
 

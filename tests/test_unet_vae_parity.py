@@ -349,6 +349,21 @@ def test_transformers_4_shard_index_is_found(tmp_path):
         find_weight_file(str(tmp_path / "empty"))
 
 
+def test_a_variant_is_read_where_a_component_has_it_and_the_plain_weights_elsewhere(tmp_path, caplog):
+    # As diffusers' from_pretrained(variant="fp16"): a component without fp16 files reads its plain ones.
+    unet, vae = tmp_path / "unet", tmp_path / "vae"
+    for folder, names in ((unet, ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]),
+                          (vae, ["diffusion_pytorch_model.safetensors"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"")
+    assert find_weight_file(str(unet), "fp16") == str(unet / "diffusion_pytorch_model.fp16.safetensors")
+    assert find_weight_file(str(unet)) == str(unet / "diffusion_pytorch_model.safetensors")
+    with caplog.at_level("WARNING"):
+        assert find_weight_file(str(vae), "fp16") == str(vae / "diffusion_pytorch_model.safetensors")
+    assert f"{vae} has no fp16 weights" in caplog.text
+
+
 def test_an_inpainting_unet_is_refused_by_name(sd_dirs, tmp_path):
     folder = str(tmp_path / "inpaint")
     shutil.copytree(sd_dirs["sd2"], folder)
