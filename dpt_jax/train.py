@@ -434,8 +434,13 @@ class Trainer:
         self._compiled_step: Optional[Any] = None
         self.eval_fn = parallel.jit(functools.partial(eval_step, self.objective), out_shardings=replicated)
         self._unpack_fn = parallel.jit(Packed.unpack, out_shardings=replicated)
-        self.ckpt = checkpoints.Manager(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
-                                        config.keep_checkpoints)
+
+    @functools.cached_property
+    def ckpt(self) -> checkpoints.Manager:
+        """Made (with its folder) at first use, once the state is built: a run stopped before, by a
+        bad init_from, leaves no checkpoints folder."""
+        return checkpoints.Manager(os.path.join(self.workdir, "checkpoints"), self.config.checkpoint_every,
+                                   self.config.keep_checkpoints)
 
     def _open_data(self, split: str) -> Any:
         data = make_dataset(self.config, split)

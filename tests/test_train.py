@@ -253,6 +253,7 @@ def test_a_resume_or_init_from_of_other_shapes_is_refused_by_name_and_keeps_conf
                        rf"of the run it comes from \(keys that differ from {w}/config.json: "
                        r"adapter.num_itm_queries=4 there, 6 here\)$"):
         train(tune, str(tmp_path / "tune"))
+    assert not os.path.exists(tmp_path / "tune" / "checkpoints")
 
 
 def _negclip_tsv(folder):
