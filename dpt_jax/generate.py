@@ -243,6 +243,7 @@ def generate(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's INFO lines of every restore
     args = parse_args(argv)
     rows = generate(args)
     print(f"wrote {len(rows)} images, grid.png and manifest.jsonl to {args.out}")
