@@ -39,6 +39,7 @@ from dpt_jax.models.adapter import DiscriminativeAdapter
 from dpt_jax.objective import AutoencoderObjective, DenoisingObjective, Objective
 from dpt_jax.packing import SMALL_LEAF, Packed, PackLayout
 from dpt_jax.pipeline import StableDiffusion, load_pretrained
+from dpt_jax.weights import _flatten
 
 Params = Dict[str, Any]
 STAGES = ("probe", "tune", "pretrain", "autoencoder")
@@ -246,14 +247,9 @@ def run_config_path(step_dir: str) -> str:
     return os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json")
 
 
-def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+def _flat(tree: Dict[str, Any]) -> Dict[str, Any]:
+    """A nested config dict keyed by dotted paths (``adapter.d_model``)."""
+    return {".".join(path): value for path, value in _flatten(tree).items()}
 
 
 def config_differences(config: ml_collections.ConfigDict, saved_path: str, sections: Collection[str]) -> List[str]:
