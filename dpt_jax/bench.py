@@ -68,7 +68,7 @@ from dpt_jax.packing import PackLayout
 from dpt_jax.pipeline import StableDiffusion, unet_init_shapes
 from dpt_jax.sampler import Models, SamplerConfig, denoise
 from dpt_jax.scheduler import NoiseSchedule
-from dpt_jax.train import (build_objective, init_adapter_params, init_state, learning_rate, make_optimizer,
+from dpt_jax.train import (DTYPES, build_objective, init_adapter_params, init_state, learning_rate, make_optimizer,
                             packed_step_function)
 
 Params = Dict[str, Any]
@@ -503,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     if args.tiny:  # read when the backend starts: no effect if this process already used jax
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TINY_XLA_FLAGS}".strip()
     shapes = bench_shapes(args.tiny)
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     # The random SD-2.1 weights (seconds to make) only where a measurement runs the U-Net.
     sd = bench_sd(shapes, dtype, args.seed) if set(args.what) - {"attention"} else None
     base = dict(impl="dpt-jax", device=device_name(), shapes=shapes.name, dtype=args.dtype, jax=jax.__version__,
