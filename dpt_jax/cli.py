@@ -24,6 +24,10 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 HELP_FLAGS = ("-h", "--help", "--helpshort")
 
 
+def _asks_for_help(argv: List[str]) -> bool:
+    return any(arg in HELP_FLAGS for arg in argv[1:])
+
+
 def run_app(main: Callable[[List[str]], None], argv: List[str]) -> None:
     """absl's ``app.run`` for a command whose flags are defined, with: ``--help`` listing them
     (absl lists only the flags of the program's main module, none of ours); a ``--config`` file
@@ -32,7 +36,7 @@ def run_app(main: Callable[[List[str]], None], argv: List[str]) -> None:
     as a bad input (ml_collections raises it from inside absl's flag parser as an
     ``AttributeError``, which absl would let through as a traceback)."""
     from absl import app, flags
-    if any(arg in HELP_FLAGS for arg in argv[1:]):
+    if _asks_for_help(argv):
         _print_help(argv[0])
         raise SystemExit(0)
     _check_config_file(argv)
@@ -101,7 +105,7 @@ def _join_processes() -> None:
 def _lazy(module: str, function: str = "main", multi_process: bool = False) -> Callable[[List[str]], None]:
     def run(argv: List[str]) -> None:
         import importlib
-        if multi_process and not any(arg in HELP_FLAGS for arg in argv[1:]):
+        if multi_process and not _asks_for_help(argv):
             _join_processes()
         getattr(importlib.import_module(module), function)(argv[1:])
     return run
