@@ -132,7 +132,16 @@ def use_compilation_cache() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv if argv is None else argv)
+    try:
+        _run(list(sys.argv if argv is None else argv))
+    except BrokenPipeError:
+        # The reader went away (`dpt-jax train --help | head`): stop quietly, as a command killed by
+        # SIGPIPE would; stdout goes to devnull so that Python's flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def _run(argv: List[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         if len(argv) >= 2 and argv[1] not in ("-h", "--help"):
             print(f"dpt-jax: unknown command {argv[1]!r}\n")

@@ -190,6 +190,15 @@ def test_unknown_config_key_and_missing_model_are_named(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     result = _cli_train(str(tmp_path), "--help")
     assert result.returncode == 0 and "--workdir: Run directory" in result.stdout, result.stdout + result.stderr
+    # Its reader gone (`dpt-jax train --help | head -1`): a quiet stop, no BrokenPipeError traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "dpt_jax.cli", "train", "--help"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, env=cpu_process_env(1), cwd=REPO, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1 and result.stderr == "", result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("key, value, expected", [
