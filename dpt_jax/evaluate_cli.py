@@ -80,6 +80,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _typed_value(key: str, current: Any, text: str) -> Any:
+    """``text`` as a value of ``current``'s type (a string stays as written)."""
+    if isinstance(current, str):
+        return text
+    value = _parse_value(text)
+    kind = type(current)
+    # bool("no") is True and int(2.7) is 2: only a value of the key's own kind passes (or an int for a float).
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+        return kind(value)
+    raise SystemExit(f"dpt-jax evaluate: --data {key}={text}: expected {kind.__name__} (now {current!r})")
+
+
 def data_config(base: Any, overrides: Sequence[str], split: str) -> Any:
     """``base`` (a config.data) with the ``KEY=VALUE`` overrides, its val side pointed at ``split``."""
     data = base.copy_and_resolve_references()
@@ -89,7 +102,7 @@ def data_config(base: Any, overrides: Sequence[str], split: str) -> Any:
             raise SystemExit(f"dpt-jax evaluate: --data {item!r}: expected KEY=VALUE")
         if key not in data:
             raise SystemExit(f"dpt-jax evaluate: --data {key}: unknown key (known: {', '.join(sorted(data))})")
-        data[key] = type(data[key])(_parse_value(value)) if not isinstance(data[key], str) else value
+        data[key] = _typed_value(key, data[key], value)
     if "{split}" in data.val_path:
         data.val_path = data.val_path.replace("{split}", split)
     elif split != "val":

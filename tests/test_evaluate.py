@@ -1,6 +1,7 @@
 """Evaluation metrics on hand-built cases, the prompt sets, and ``dpt-jax evaluate`` end to end."""
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -147,6 +148,20 @@ def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="put '{split}' in the data's val_path"):
         evaluate_cli.main(["--task", "rec", "--run", f"a={probe_run}", "--splits", "testA", "--data",
                            "name=refexp_json", "val_path=/data/finetune_refcoco_val.json", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("val_size=abc", "--data val_size=abc: expected int"),
+    ("val_size=2.5", "--data val_size=2.5: expected int"),
+    ("max_bad_fraction=true", "--data max_bad_fraction=true: expected float"),
+])
+def test_a_data_override_of_the_wrong_kind_is_named(item, expected):
+    base = tiny("probe").data
+    with pytest.raises(SystemExit, match=re.escape(expected)):
+        evaluate_cli.data_config(base, [item], "val")
+    good = evaluate_cli.data_config(base, ["val_size=12", "max_bad_fraction=0", "name=shapes"], "val")
+    assert (good.val_size, good.max_bad_fraction, good.name) == (12, 0.0, "shapes")
+    assert isinstance(good.max_bad_fraction, float)
 
 
 def test_evaluate_t2i_clip_scores_every_variant(probe_run, tmp_path):
