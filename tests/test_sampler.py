@@ -61,8 +61,10 @@ def test_correction_gradient_matches_finite_differences_and_raises_score(sd, ada
     hidden, pooled = sd.encode_text(sd.tokenize(PROMPTS[:2]))
     z = jnp.asarray(initial_latents([5, 6], (16, 16, 4)))
     t = jnp.asarray(501)
-    score = jax.jit(lambda x: adapter_score(models, sd.unet_params, params, ("up1",), x, t, hidden, pooled).sum())
-    grad = jax.grad(lambda x: adapter_score(models, sd.unet_params, params, ("up1",), x, t, hidden, pooled).sum())(z)
+    def total_score(x):
+        return adapter_score(models, sd.unet_params, params, ("up1",), x, t, hidden, pooled).sum()
+    score = jax.jit(total_score)
+    grad = jax.jit(jax.grad(total_score))(z)  # jitted: op by op, the U-Net's backward takes minutes here
     direction = jax.random.normal(jax.random.PRNGKey(0), z.shape)
     direction = direction / jnp.linalg.norm(direction)
     h = 1e-2
