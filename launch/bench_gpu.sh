@@ -4,6 +4,9 @@
 # Run from the repo root on the GPU machine (nothing is installed there but the carried wheels):
 #   .bench/  a copy of shared/bench/ (torch_dpt_reference.py)
 #   .whl/    wheels of what the machine lacks: diffusers (the anchor), ml_collections (dpt-jax)
+# both made beforehand on a machine with a package index (they are ignored by git):
+#   mkdir -p .bench && cp ../shared/bench/*.py .bench/
+#   pip download --no-deps -d .whl diffusers==0.42.1 ml_collections importlib_metadata
 # Results under $OUT: bench.jsonl (the JSON lines of both implementations, from their stdout),
 # bench.log (their stderr: warnings, errors; its tail is printed when a command fails) and, unless
 # PROFILE=0, profile.tar.* (split in 15 MiB parts): per dpt-jax measurement its profiler trace and
