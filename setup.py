@@ -17,7 +17,7 @@ setup(
     version="0.1.0",
     description="DPT (Discriminative Probing and Tuning) for Stable Diffusion in JAX/Flax",
     packages=find_packages(include=["dpt_jax", "dpt_jax.*"]),
-    package_data={"dpt_jax": ["assets/**/*"]},
+    package_data={"dpt_jax.assets": ["shapes-sd/**/*"]},
     include_package_data=True,
     python_requires=">=3.11",  # jax 0.10, flax 0.12, numpy 2.3, transformers 5
     install_requires=CORE,
