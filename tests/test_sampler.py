@@ -64,7 +64,7 @@ def test_correction_gradient_matches_finite_differences_and_raises_score(sd, ada
     def total_score(x):
         return adapter_score(models, sd.unet_params, params, ("up1",), x, t, hidden, pooled).sum()
     score = jax.jit(total_score)
-    grad = jax.jit(jax.grad(total_score))(z)  # jitted: op by op, the backward alone took 40 s here
+    grad = jax.jit(jax.grad(total_score))(z)  # jitted: op by op it took 36 s longer here
     direction = jax.random.normal(jax.random.PRNGKey(0), z.shape)
     direction = direction / jnp.linalg.norm(direction)
     h = 1e-2
