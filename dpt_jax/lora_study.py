@@ -1,19 +1,23 @@
-"""Why LoRA stays factored: memory and time of the stage-2 gradient w.r.t. the LoRA factors.
+"""LoRA factored or merged: memory and time of the stage-2 gradient w.r.t. the LoRA factors.
 
 Two ways to differentiate the full stage-2 objective (:func:`dpt_jax.objective.dpt_losses`:
 the positive pair's full U-Net pass with the denoising loss, five more candidates up to the tap,
 the adapter, ITM + REC losses) with respect to the LoRA tree:
 
-- ``factored`` (what training does): the layers add ``(x A) B``; the frozen kernels are only read.
+- ``factored``: the layers add ``(x A) B`` (``layers.lora_application("factored")``); the frozen
+  kernels are only read.
 - ``merged``: ``W + scale * A B`` is formed for every targeted kernel inside the jitted loss and
-  the plain U-Net runs on the merged weights.
+  the plain U-Net runs on the merged weights. Training merges too, in the layers (their default
+  since the figures below: the H100's HLO moved less through memory that way, see
+  :func:`dpt_jax.models.layers.lora_application`).
 
 Memory is XLA's compiled estimate (``memory_analysis()``: arguments, outputs, temporaries),
 time the median wall time of the compiled gradient function. Both gradients are also compared,
 as a check that the two losses are the same function (on GPU float32 matmuls default to TF32, so
 they agree to ~1e-2 there, ~1e-6 on CPU).
 
-Measured (float32, default targets, rank 4; the U-Net's text width is the tiny encoder's 32):
+Measured (float32, default targets, rank 4; the U-Net's text width is the tiny encoder's 32),
+when the layers applied LoRA factored only:
 SD-2.1-base layout, 64x64 latent, batch 2 (x6 candidates), H200: temp 33478 MiB factored vs
 33897 MiB merged (+419 MiB: the dense W + AB copies and their gradients), 0.114 s per gradient
 both; compile 152 s vs 74 s. Width 128, 32x32, batch 2, 2 busy CPU cores: temp 785.1 vs
@@ -39,6 +43,7 @@ from dpt_jax import testing
 from dpt_jax.data import batches
 from dpt_jax.default_config import tiny
 from dpt_jax.lora import DEFAULT_TARGETS, LoraSpec, init_lora, merge_lora, target_modules
+from dpt_jax.models.layers import lora_application
 from dpt_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpt_jax.objective import Objective, dpt_losses
 from dpt_jax.pipeline import StableDiffusion, load_pretrained, unet_init_shapes
@@ -50,7 +55,7 @@ MIB = 2 ** 20
 
 
 def factored_loss(obj: Objective) -> Callable[..., jax.Array]:
-    """Stage-2 loss as trained: LoRA factors in the ``lora`` collection."""
+    """Stage-2 loss as trained: LoRA factors in the ``lora`` collection, applied by the layers."""
     def loss(lora: Params, adapter: Params, frozen: Params, batch: Dict[str, jax.Array], rng: jax.Array):
         return dpt_losses(obj, {"adapter": adapter, "lora": lora}, frozen, batch, rng)[0]
     return loss
@@ -140,8 +145,10 @@ def study(width: int = 128, latent: int = 32, batch_size: int = 2, repeats: int 
     batch["latents"] = jax.random.normal(keys[2], (batch_size, 3, latent, latent, unet.config.in_channels))
     args = (lora, adapter, sd.frozen_params(), batch, jax.random.PRNGKey(seed + 1))
 
-    results = {name: measure(jax.grad(make(obj)), args, repeats)
-               for name, make in (("factored", factored_loss), ("merged", merged_loss))}
+    # The application is read while tracing, which measure() does: a layer merges unless told.
+    with lora_application("factored"):
+        results = {"factored": measure(jax.grad(factored_loss(obj)), args, repeats)}
+    results["merged"] = measure(jax.grad(merged_loss(obj)), args, repeats)
     g_f, g_m = results["factored"].pop("grads"), results["merged"].pop("grads")
     grad_rel_diff = float("nan")
     if g_f is not None and g_m is not None:
