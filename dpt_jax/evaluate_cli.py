@@ -50,7 +50,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
     args.runs = [_name_and_path(r) for r in args.run]
-    args.etas = [float(e) for e in args.etas.split(",")]
+    names = [name for name, _ in args.runs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # the report is keyed by name: a later run would replace an earlier one
+        p.error(f"--run names must differ: {', '.join(repeated)} given more than once")
+    try:
+        args.etas = [float(e) for e in args.etas.split(",") if e.strip()]
+    except ValueError:
+        p.error(f"--self-correction {args.etas}: expected comma-separated numbers, e.g. 0,0.5")
     args.splits = [s for s in args.splits.split(",") if s]
     if args.task == "t2i" and not args.clip:
         p.error("--task t2i needs --clip DIR (a local CLIP model)")

@@ -150,6 +150,19 @@ def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path, capsys):
                            "name=refexp_json", "val_path=/data/finetune_refcoco_val.json", "--out", str(tmp_path)])
 
 
+def test_repeated_run_names_and_bad_etas_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        evaluate_cli.parse_args(["--task", "itm", "--run", "base=/m/sd21", "--run", "base=runs/tune", "--out", "o"])
+    assert "--run names must differ: base given more than once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_cli.parse_args(["--task", "t2i", "--clip", "c", "--run", "a=r", "--self-correction", "0,x",
+                                 "--out", "o"])
+    assert "--self-correction 0,x: expected comma-separated numbers" in capsys.readouterr().err
+    args = evaluate_cli.parse_args(["--task", "t2i", "--clip", "c", "--run", "a=r", "--run", "b=r",
+                                    "--self-correction", "0,0.5,", "--out", "o"])
+    assert args.runs == [("a", "r"), ("b", "r")] and args.etas == [0.0, 0.5]
+
+
 @pytest.mark.parametrize("item, expected", [
     ("val_size=abc", "--data val_size=abc: expected int"),
     ("val_size=2.5", "--data val_size=2.5: expected int"),
