@@ -16,10 +16,13 @@ def line_plot(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path: 
     left, right, top, bottom = 60, 20, 30, 40
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
+    if not series or not all(len(x) for x, _ in series.values()):
+        raise ValueError(f"line_plot {path}: every series needs a point (got {[len(x) for x, _ in series.values()]})")
     xs = np.concatenate([np.asarray(x, float) for x, _ in series.values()])
     ys = np.concatenate([np.asarray(y, float) for _, y in series.values()])
+    ys = ys[np.isfinite(ys)]  # a diverged run's inf or NaN is left out of the axes, as of the curves
     x0, x1 = float(xs.min()), float(xs.max()) or 1.0
-    y0, y1 = float(np.nanmin(ys)), float(np.nanmax(ys))
+    y0, y1 = (float(ys.min()), float(ys.max())) if ys.size else (0.0, 1.0)
     if y1 == y0:
         y1 = y0 + 1.0
     to_px = lambda x, y: (left + (x - x0) / max(x1 - x0, 1e-9) * (w - left - right),
@@ -37,6 +40,9 @@ def line_plot(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path: 
         points = [to_px(a, b) for a, b in zip(x, y) if np.isfinite(b)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
+        elif points:  # one logged step: a dot, where a line needs two
+            (px, py), = points
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         draw.text((left + 10, top + 5 + 14 * i), name, fill=colour)
     draw.text((left, 8), title, fill=(0, 0, 0))
     img.save(path)

@@ -58,3 +58,22 @@ def test_writing_overlaps_the_callers_work(tmp_path, monkeypatch):
     serial, background = run(False), run(True)
     print(f"5 batches of 4: {serial:.2f} s writing in the loop, {background:.2f} s in the background")
     assert background < 0.8 * serial
+
+
+def _pixels_of(path, colour, below):
+    """Pixels of ``colour`` under row ``below`` (the legend's names are drawn above it)."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))[below:]
+    return int(np.all(pixels == colour, axis=-1).sum())
+
+
+def test_loss_plot_of_a_diverged_run_and_of_one_logged_step(tmp_path):
+    from dpt_jax.plot import COLOURS, line_plot
+    path = str(tmp_path / "losses.png")
+    # An inf loss (a run that diverged) leaves the axes to the finite values; an all-NaN curve is skipped.
+    line_plot({"loss": ([0, 1, 2, 3], [1.0, 0.5, float("inf"), 0.4]), "nan": ([0, 1], [float("nan")] * 2)}, path)
+    assert _pixels_of(path, COLOURS[0], below=70) > 100
+    # A run with one logged step: its point is drawn.
+    line_plot({"one": ([5], [1.0]), "two": ([0, 10], [0.0, 2.0])}, path)
+    assert _pixels_of(path, COLOURS[0], below=70) > 10 and _pixels_of(path, COLOURS[1], below=70) > 100
+    with pytest.raises(ValueError, match="every series needs a point"):
+        line_plot({"empty": ([], [])}, path)
