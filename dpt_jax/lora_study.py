@@ -181,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated LoRA targets")
     parser.add_argument("--json", default="", help="also write the results to this file")
     a = parser.parse_args(argv)
+    if a.repeats < 1:  # the step time is their median
+        parser.error(f"--repeats {a.repeats}: expected >= 1")
     out = study(a.width, a.latent, a.batch, a.repeats, tuple(a.targets.split(",")), a.rank, unet_name=a.unet)
     out["sd21_targeted_kernels_mib"] = sd21_kernel_mib(tuple(a.targets.split(",")))
     s = out["setup"]

@@ -535,6 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--depth", type=int, default=3, help="module path components per scope")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: expected >= 1 (the runs the trace holds)")
     for path in (args.trace, args.hlo):
         if not os.path.isfile(path):
             parser.error(f"no such file: {path}")

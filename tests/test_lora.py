@@ -351,7 +351,9 @@ def test_lora_study_compares_two_programs_of_one_function():
     # `python -m dpt_jax.lora_study`: factored (the layers under lora_application("factored")) and
     # merged (W + A B formed in the loss) give one function's gradients by two programs: float32
     # rounding apart (1.5e-6 seen), not bitwise equal as the same program twice would be.
-    from dpt_jax.lora_study import study
+    from dpt_jax.lora_study import main, study
+    with pytest.raises(SystemExit):  # before anything is built: the step time is the repeats' median
+        main(["--repeats", "0"])
     out = study(width=32, latent=8, batch_size=1, repeats=1)
     print(f"lora_study: gradients differ by {out['grad_rel_diff']:.1e} of the largest")
     assert 0 < out["grad_rel_diff"] <= 1e-4

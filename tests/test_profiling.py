@@ -135,6 +135,9 @@ def test_cli_names_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         profiling.main([str(tmp_path / "none.xplane.pb"), str(tmp_path / "none.hlo.txt")])
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # figures are per run: zero runs divided by zero
+        profiling.main([str(tmp_path / "none.xplane.pb"), str(tmp_path / "none.hlo.txt"), "--runs", "0"])
+    assert "--runs 0: expected >= 1" in capsys.readouterr().err
 
 
 # A loop whose body runs a fusion that reads its input only through a slice (GroupNorm's shift),
