@@ -262,13 +262,16 @@ MEMORY_BOUND = ("elementwise", "reduce", "copy", "other")
 
 def _loop_depths(computations: Dict[str, List[_Instruction]]) -> Dict[str, int]:
     """How many while loops each computation runs inside: a loop's body and condition one more
-    than the computation holding the loop, a conditional's branches as many."""
+    than the computation holding the loop, a conditional's branches and a call's computation as many."""
     parent: Dict[str, Tuple[str, int]] = {}
     for computation, instructions in computations.items():
         for instruction in instructions:
             if instruction.opcode == "while":
                 for called in re.findall(r"(?:condition|body)=%?([\w.\-]+)", instruction.line):
                     parent[called] = (computation, 1)
+            elif instruction.opcode == "call":
+                for called in _called(instruction.line):
+                    parent[called] = (computation, 0)
             elif instruction.opcode == "conditional":
                 branches = re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", instruction.line)
                 listed = re.search(r"branch_computations=\{([^}]*)\}", instruction.line)
@@ -312,8 +315,10 @@ def hlo_traffic(hlo_text: str, loop_trips: int = 1) -> Dict[str, Any]:
     their arithmetic as much. Compiled for a GPU without one (``launch/aot_hlo.py``) this shows
     what a change does to a program on that GPU before it runs there."""
     computations = _computations(hlo_text)
+    # A call's computation runs as the caller's instructions (XLA:GPU's command buffers are calls);
+    # a fusion's body and a reduction's reducer are inside their instruction.
     inside = {called for instructions in computations.values() for instruction in instructions
-              if instruction.opcode == "fusion" or "to_apply=" in instruction.line
+              if instruction.opcode != "call" and (instruction.opcode == "fusion" or "to_apply=" in instruction.line)
               for called in _called(instruction.line)}
     ops = _ops(computations)
     depths = _loop_depths(computations)

@@ -369,3 +369,36 @@ def test_host_self_time_takes_nested_events_out_of_their_parents():
                                    "command_buffer::update": 2, "ParseArguments": 1}
     assert profiling.host_calls(profile, runs=2)["host_count"]["command_buffer::update"] == 1  # per run
     assert calls["first_op_ms"] == 25.0
+
+
+MUL_BODY = """
+%fused_mul (p0: f32[1024,1024]) -> f32[1024,1024] {
+  %p0 = f32[1024,1024]{1,0} parameter(0)
+  ROOT %m = f32[1024,1024]{1,0} multiply(%p0, %p0)
+}
+"""
+
+
+def test_hlo_traffic_counts_the_ops_of_a_called_computation():
+    # XLA:GPU wraps runs of kernels in command buffers, calls of a computation: their ops run
+    # as the caller's (a fusion's body and a reducer's stay inside their instruction).
+    direct = "HloModule jit_f, is_scheduled=true\n" + MUL_BODY + """
+ENTRY %main (a: f32[1024,1024]) -> f32[1024,1024] {
+  %a = f32[1024,1024]{1,0} parameter(0)
+  ROOT %mul_fusion = f32[1024,1024]{1,0} fusion(%a), kind=kLoop, calls=%fused_mul
+}
+"""
+    wrapped = "HloModule jit_f, is_scheduled=true\n" + MUL_BODY + """
+%command_buffer (p: f32[1024,1024]) -> f32[1024,1024] {
+  %p = f32[1024,1024]{1,0} parameter(0)
+  ROOT %mul_fusion = f32[1024,1024]{1,0} fusion(%p), kind=kLoop, calls=%fused_mul
+}
+
+ENTRY %main (a: f32[1024,1024]) -> f32[1024,1024] {
+  %a = f32[1024,1024]{1,0} parameter(0)
+  ROOT %call = f32[1024,1024]{1,0} call(%a), to_apply=%command_buffer
+}
+"""
+    traffic = profiling.hlo_traffic(direct)
+    assert traffic["memory_bound_bytes"] == 2 * 1024 * 1024 * 4 and traffic["memory_bound_ops"] == 1
+    assert profiling.hlo_traffic(wrapped) == traffic
