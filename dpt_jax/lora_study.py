@@ -55,7 +55,8 @@ MIB = 2 ** 20
 
 
 def factored_loss(obj: Objective) -> Callable[..., jax.Array]:
-    """Stage-2 loss as trained: LoRA factors in the ``lora`` collection, applied by the layers."""
+    """Stage-2 loss with the LoRA factors in the ``lora`` collection, applied by the layers (factored
+    where traced under ``lora_application("factored")``, merged otherwise, as in training)."""
     def loss(lora: Params, adapter: Params, frozen: Params, batch: Dict[str, jax.Array], rng: jax.Array):
         return dpt_losses(obj, {"adapter": adapter, "lora": lora}, frozen, batch, rng)[0]
     return loss
