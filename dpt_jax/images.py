@@ -34,6 +34,8 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
     """uint8 [N, H, W, 3] -> one uint8 image, ``columns`` wide (default: about square)."""
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"a grid needs images of shape [N >= 1, H, W, C], got {images.shape}")
     n, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)

@@ -461,13 +461,17 @@ def summarize(events: Iterable[Tuple[str, str, float]], ops: Dict[str, HloOp], r
     def ms(seconds: float) -> float:
         return round(seconds / runs * 1e3, 3)
 
+    def per_run(count: int) -> float:
+        # A mean: an op that ran in one of two traced runs ran 0.5 times a run, not 0.
+        return count // runs if count % runs == 0 else round(count / runs, 2)
+
     def ranked(counts: Dict[str, float], limit: Optional[int] = None) -> Dict[str, float]:
         return {k: ms(v) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]}
     return dict(
-        device_ms=ms(total), kernels=sum(n for _, n in per_op.values()) // runs,
+        device_ms=ms(total), kernels=per_run(sum(n for _, n in per_op.values())),
         joined=round(sum(per_op[n][0] for n in per_op if n in found) / total, 4) if total else 0.0,
         by_category_ms=ranked(by_category), by_scope_ms=ranked(by_scope, top),
-        top_ops=[dict(op=name, ms=ms(seconds), calls=n // runs, category=op_of[name].category,
+        top_ops=[dict(op=name, ms=ms(seconds), calls=per_run(n), category=op_of[name].category,
                       **_bandwidth(op_of[name].bytes, seconds / n), op_name=op_of[name].op_name[-160:])
                  for name, (seconds, n) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]])
 

@@ -18,6 +18,8 @@ def test_grid_places_images_row_by_row():
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
     assert (grid[1, 1] == 0).all() and (grid[1, 6] == 20).all() and (grid[6, 6] == 80).all()
     assert (grid[6, 11] == 255).all()  # the sixth place is empty: padding white
+    with pytest.raises(ValueError, match=r"N >= 1, H, W, C\], got \(0, 4, 4, 3\)"):
+        make_grid(np.zeros((0, 4, 4, 3), np.uint8))
 
 
 def test_writer_writes_every_image_and_waits_for_them(tmp_path):

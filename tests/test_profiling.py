@@ -120,6 +120,9 @@ def test_summarize_per_run_by_category_scope_and_kernel_name():
     # Where the op is in the HLO: the MB a call moves and the TB/s that makes (10.49 MB in 4 ms).
     assert (summary["top_ops"][0]["mb"], summary["top_ops"][0]["tb_per_s"]) == (10.49, 0.002622)
     assert "mb" not in summary["top_ops"][1]  # a library kernel known only by its name
+    # A kernel seen in one of the two runs (a first-step-only copy): half a call a run, not 0.
+    summary = profiling.summarize(one_run * 2 + [("cublas-gemm.1", "nvjet_tst", 2e-3)], ops, runs=2)
+    assert summary["kernels"] == 7.5 and {x["op"]: x["calls"] for x in summary["top_ops"]}["cublas-gemm.1"] == 1.5
 
 
 def test_control_flow_is_not_counted_twice():
