@@ -49,8 +49,8 @@ def _small(stage="probe", steps=6, **overrides):
 
 
 def test_probe_loss_falls_and_itm_accuracy_rises_above_chance(tmp_path):
-    # configs/probe_shapes.py: 300 steps on the shipped shapes SD; then the paper's ITM protocol
-    # (t = 500, hard negatives) on 512 val samples, with 95% Wilson intervals.
+    # configs/probe_shapes.py: 150 steps on the shipped shapes SD; then the paper's ITM protocol
+    # (t = 500, hard negatives) on 1024 val samples, with 95% Wilson intervals.
     c = load_config_file(os.path.join(REPO, "configs", "probe_shapes.py"))
     last = train(c, str(tmp_path))
     rows = read_metrics(str(tmp_path))
@@ -62,7 +62,7 @@ def test_probe_loss_falls_and_itm_accuracy_rises_above_chance(tmp_path):
     obj = build_objective(run.config, run.sd)
     frozen = {k: v for k, v in run.sd.frozen_params().items() if k not in obj.trainable_names}
     report = evaluate_discriminative(obj, run.params, frozen, make_dataset(run.config, "val"), run.sd.tokenizer,
-                                     num_samples=512, batch_size=32)
+                                     num_samples=1024, batch_size=32)
     print(f"itm loss {first:.3f} -> {final:.3f}; val ITM " + ", ".join(
         f"{k} {report[k]:.3f} {tuple(round(x, 3) for x in report[k.replace('_acc', '_ci95')])}"
         for k in ("text_acc", "image_acc", "text_rand_acc", "image_rand_acc")))
