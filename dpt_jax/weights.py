@@ -38,6 +38,9 @@ LEGACY_RENAMES = (
 )
 
 
+LFS_POINTER = b"version https://git-lfs"
+
+
 class WeightLoadError(ValueError):
     """A weight file is missing, or a tensor does not fit the model built from its config."""
 
@@ -52,11 +55,19 @@ def read_json(path: str) -> Dict[str, Any]:
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
     """Every tensor of a .safetensors file, bfloat16 ones as float32 (safetensors.numpy cannot
     read bfloat16, numpy having no such dtype)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        header_size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_size))
+        head = f.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        try:
+            if 8 + header_size > size:
+                raise ValueError
+            header = json.loads(f.read(header_size))
+        except ValueError:
+            raise WeightLoadError(f"{path} is not a safetensors file, or is cut short ({size} bytes): "
+                                  "download it again") from None
         # Tensors are views of one writable buffer (as safetensors.numpy's arrays are writable).
-        data = memoryview(bytearray(os.path.getsize(path) - 8 - header_size))
+        data = memoryview(bytearray(size - 8 - header_size))
         f.readinto(data)
     header.pop("__metadata__", None)
     out = {}
@@ -65,6 +76,9 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
             raise WeightLoadError(f"{path}: tensor {key} has dtype {info['dtype']}; expected one of "
                                   f"{', '.join(SAFETENSORS_DTYPES)}")
         start, end = info["data_offsets"]
+        if end > len(data):
+            raise WeightLoadError(f"{path} is cut short: tensor {key} ends at byte {8 + header_size + end} "
+                                  f"of a {size}-byte file; download it again")
         array = np.frombuffer(data[start:end], SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
         out[key] = array.astype(np.float32) if info["dtype"] == "BF16" else array
     return out
@@ -116,6 +130,9 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
                 raise WeightLoadError(f"{path} names shard {shard}, which is missing")
             state.update(read_state_dict(shard_path))
         return state
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:  # a clone made without git-lfs
+            raise WeightLoadError(f"{path} is a git-lfs pointer, not the weights: fetch them (git lfs pull)")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     if path.endswith(".bin"):

@@ -326,6 +326,21 @@ def test_wrong_shape_is_named(unet_copy):
         load_component(folder, _target(folder))
 
 
+def test_a_damaged_weight_file_is_named_with_its_cause(unet_copy):
+    folder, _ = unet_copy
+    path = find_weight_file(folder)
+    whole = open(path, "rb").read()
+    for content, message in [
+            (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 3438167534\n", "git-lfs pointer"),
+            (whole[: len(whole) // 2], "cut short: tensor .* ends at byte"),  # an interrupted download
+            (whole[:100], "not a safetensors file, or is cut short"),  # within the header
+            (b"", r"not a safetensors file, or is cut short \(0 bytes\)")]:
+        with open(path, "wb") as f:
+            f.write(content)
+        with pytest.raises(WeightLoadError, match=re.escape(path) + ".*" + message):
+            load_component(folder, _target(folder))
+
+
 def test_bfloat16_safetensors_load_without_torch(unet_copy, tmp_path, monkeypatch):
     # diffusers writes bfloat16 files for bf16 models; numpy has no bfloat16, ml_dtypes (JAX's) has.
     import ml_dtypes
