@@ -219,8 +219,9 @@ def save_adapter(adapter: Any, params: Params, out_dir: str) -> List[str]:
 
 def save_pipeline(sd: Any, out_dir: str, unet_params: Optional[Params] = None) -> str:
     """A diffusers pipeline directory from Flax parameters: every file of the source directory
-    (configs, tokenizer, other components such as a safety checker) is copied, except the weight
-    files of the U-Net, VAE and text encoder, which are written in float32 from ``unet_params``
+    (configs, tokenizer, other components such as a safety checker) is copied, except weight
+    files beside the components (a hub snapshot's single-file checkpoints of the unmerged base) and
+    those of the U-Net, VAE and text encoder, which are written in float32 from ``unet_params``
     (default ``sd.unet_params``), ``sd.vae_params`` and ``sd.text_params``, and the scheduler,
     written as the DDIM scheduler ``dpt-jax generate`` samples with (SD's own is PNDM: loaded as
     it was, the pipeline would sample with another scheduler than the one it was judged by)."""
@@ -238,7 +239,7 @@ def save_pipeline(sd: Any, out_dir: str, unet_params: Optional[Params] = None) -
                     shutil.copy(os.path.join(src, name), os.path.join(dst, name))
         elif os.path.isdir(src):
             shutil.copytree(src, dst, dirs_exist_ok=True)
-        else:
+        elif not _WEIGHT_FILE.match(entry):  # single-file checkpoints of the base (v1-5-pruned.ckpt)
             shutil.copy(src, dst)
     params = {"unet": sd.unet_params if unet_params is None else unet_params, "vae": sd.vae_params,
               "text_encoder": sd.text_params}
@@ -279,7 +280,7 @@ def export(checkpoint: str, out_dir: str, merged: bool = False, adapter_only: bo
     if not lora and not adapter_only:
         raise ValueError(f"checkpoint {checkpoint} holds no LoRA (a stage-1 probe run): "
                          "pass --adapter-only to export the adapter alone")
-    check_out_dir(out_dir, overwrite, [checkpoint, run.sd.path])
+    check_out_dir(out_dir, overwrite, [checkpoint, run.sd.path], copied=[run.sd.path] if merged else [])
     with replaced_dir(out_dir) as tmp:
         written = []
         if lora and not adapter_only:

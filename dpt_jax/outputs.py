@@ -8,15 +8,21 @@ import shutil
 from typing import Iterator, Sequence
 
 
-def check_out_dir(out_dir: str, overwrite: bool, keep: Sequence[str] = ()) -> None:
+def check_out_dir(out_dir: str, overwrite: bool, keep: Sequence[str] = (), copied: Sequence[str] = ()) -> None:
     """Fail if ``out_dir`` may not be (over)written: a file, a non-empty directory without
-    ``overwrite``, or a directory holding one of ``keep`` (inputs the command reads, which
-    ``--overwrite`` must never delete)."""
+    ``overwrite``, a directory holding one of ``keep`` (inputs the command reads, which
+    ``--overwrite`` must never delete), or one inside a folder of ``copied`` (which the command
+    copies into the output: it would copy its own output into itself)."""
     out = os.path.realpath(out_dir)
     for path in keep:
         path = os.path.realpath(path)
         if path == out or path.startswith(out + os.sep):
             raise ValueError(f"output directory {out_dir} holds {path}, which the command reads: pick another --out")
+    for path in copied:
+        path = os.path.realpath(path)
+        if out.startswith(path + os.sep):
+            raise ValueError(f"output directory {out_dir} lies inside {path}, which the command copies into it: "
+                             "pick another --out")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"output path {out_dir} is a file")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:

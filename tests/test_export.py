@@ -32,7 +32,13 @@ TOL = 1e-4  # float32 U-Net outputs of O(1): differences are summation-order rou
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    return make_tiny_sd_dir(str(tmp_path_factory.mktemp("sd2")), "sd2", seed=3)
+    folder = make_tiny_sd_dir(str(tmp_path_factory.mktemp("sd2")), "sd2", seed=3)
+    # As in a hub snapshot of SD: single-file checkpoints of the base beside the components, which
+    # a merged export must not copy (GBs of unmerged weights).
+    for name in ("v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors"):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"unmerged base weights")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +282,7 @@ def test_probe_checkpoint_needs_adapter_only(run_dir, tmp_path):
     assert sorted(os.listdir(out)) == sorted([ADAPTER_FILE, ADAPTER_CONFIG])
 
 
-def test_out_dir_errors(run_dir, tmp_path):
+def test_out_dir_errors(run_dir, base_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -288,6 +294,11 @@ def test_out_dir_errors(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="which the command reads"):
         cli.main(["dpt-jax", "export", "--checkpoint", run_dir, "--out", run_dir, "--overwrite"])
     assert os.path.isdir(os.path.join(run_dir, "checkpoints"))
+    # --merged copies the base model's folder: an --out inside it would be copied into itself.
+    inside = os.path.join(base_dir, "exports", "merged")
+    with pytest.raises(SystemExit, match="lies inside .*which the command copies into it"):
+        cli.main(["dpt-jax", "export", "--checkpoint", run_dir, "--out", inside, "--merged"])
+    assert not os.path.exists(os.path.join(base_dir, "exports"))
 
 
 def test_lora_file_key_that_fits_no_module(exported, sd, tmp_path):
