@@ -198,6 +198,25 @@ def test_refexp_records_of_an_image_are_kept_together(tmp_path, images):
         RefExpJSON(str(path), str(root))
 
 
+def test_an_images_records_are_never_its_negatives_wherever_they_stand(tmp_path, images):
+    # COCO-style captions, an image's records apart in the file (a, b, a, b): a record without
+    # negatives of its own draws them from records of the other image only.
+    root, names = images
+    recs = [(names[0], "a red thing"), (names[1], "a green thing"), (names[0], "something red"),
+            (names[1], "something green")]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in recs))
+    tsv = tmp_path / "data.tsv"
+    _write_tsv(tsv, [[k, c, i, "[]", "[]"] for k, (i, c) in enumerate(recs)])
+    for ds in (JsonlDataset(str(jsonl), str(root), image_size=S), HardNegativeTSV(str(tsv), str(root), image_size=S)):
+        draws = [ds.sample(0, draw) for draw in range(40)]
+        assert {d["rand_index"] for d in draws} == {1, 3}
+        assert {d["neg_caption"] for d in draws} == {d["rand_caption"] for d in draws} == {"a green thing",
+                                                                                           "something green"}
+        assert {_colour_of(d["neg_image"]) for d in draws} == {_colour_of(d["rand_image"]) for d in draws} == {
+            COLOURS[1]}
+
+
 def test_refexp_malformed_names_entry(tmp_path, images):
     root, names = images
     data = _refexp(names)
@@ -249,6 +268,10 @@ def test_jsonl_defaults_and_errors(tmp_path, images):
     path.write_text(json.dumps(recs[0]) + "\n" + json.dumps({**recs[1], "box": [1, 2]}) + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl:2: 'box'"):
         JsonlDataset(str(path), str(root))
+    for key, value in (("neg_captions", "a blue thing"), ("neg_images", names[2])):  # a string, not a list
+        path.write_text(json.dumps(recs[0]) + "\n" + json.dumps({**recs[1], key: value}) + "\n")
+        with pytest.raises(ValueError, match=rf"data\.jsonl:2: .* must be a list of .*got '{value}'"):
+            JsonlDataset(str(path), str(root))
     path.write_text(json.dumps(recs[0]) + "\n" + json.dumps({**recs[1], "box": [8, 4, 16, 24]}) + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl:2: 'box' \[8\.0, 4\.0, 16\.0, 24\.0\] is not normalised"):
         JsonlDataset(str(path), str(root))

@@ -18,9 +18,8 @@ is the sample's epoch, so a record's negatives are drawn afresh every epoch):
 - hard-negative caption / image: a random one of the record's own; when the record has none, a
   random other record's caption (preferring one that differs) / image.
 - random caption and image: those of one random other record.
-- "other record" excludes every record of the same image: the records next to it that name the
-  same image (``RecordDataset._same_image``; readers with several records an image keep them
-  together), whose captions are true of the image.
+- "other record" excludes every record of the same image, wherever it lies in the file
+  (``RecordDataset._same_image``): their captions are true of the image.
 
 Bad images: an image that is missing or unreadable is logged (once, naming the file) and counted
 in ``bad_images``. When it is the sample's own image the sample is replaced by the next record
@@ -79,11 +78,12 @@ class RecordDataset(ThreadedBatches):
                  seed: int = 0, max_bad_fraction: float = 0.01, min_images_seen: int = 100,
                  source: str = "<records>", threads: int = 0):
         self.records = list(records)
-        # Runs of records naming one image: record i's is [bounds[run_of[i]], bounds[run_of[i] + 1]).
-        new_run = np.r_[True, [a.image != b.image for a, b in zip(self.records, self.records[1:])]].astype(bool)
-        self._run_of = np.cumsum(new_run) - 1
-        self._run_bounds = np.r_[np.flatnonzero(new_run), len(self.records)]
-        images = len(self._run_bounds) - 1 if self.records else 0
+        # The records of each image, ascending: image k's are by_image[bounds[k]:bounds[k + 1]].
+        ids: Dict[str, int] = {}
+        self._image_of = np.array([ids.setdefault(r.image, len(ids)) for r in self.records], np.int64)
+        self._records_by_image = np.argsort(self._image_of, kind="stable")
+        self._image_bounds = np.r_[0, np.cumsum(np.bincount(self._image_of, minlength=len(ids)))]
+        images = len(ids)
         if images < 2:
             raise ValueError(f"{source}: {len(self.records)} record(s) showing {images} image(s); need at least "
                              "2 images (negatives come from other images)")
@@ -164,23 +164,27 @@ class RecordDataset(ThreadedBatches):
 
     # ------------------------------------------------------------------ sampling
 
-    def _same_image(self, i: int) -> range:
-        """Records never drawn as record i's negatives or random other: the run of records
-        around i that name its image, so that a "negative" never shows record i's own image or
-        one of its other captions (which are true of it)."""
-        run = self._run_of[i]
-        return range(int(self._run_bounds[run]), int(self._run_bounds[run + 1]))
+    def _same_image(self, i: int) -> List[int]:
+        """Records never drawn as record i's negatives or random other, ascending: those naming
+        its image, so that a "negative" never shows record i's own image or one of its other
+        captions (which are true of it)."""
+        image = self._image_of[i]
+        return self._records_by_image[self._image_bounds[image]:self._image_bounds[image + 1]].tolist()
 
     def _others_from(self, i: int, start: int) -> Iterator[int]:
         """Records outside ``_same_image(i)``, cyclically from ``start`` (lazy: usually one is read)."""
-        n, own = len(self), self._same_image(i)
+        n, own = len(self), set(self._same_image(i))
         return (j for j in ((start + k) % n for k in range(n)) if j not in own)
 
     def _draw_other(self, i: int, rng: np.random.Generator) -> int:
-        """A uniform record index outside ``_same_image(i)``."""
+        """A uniform record index outside ``_same_image(i)``: the j-th of the others."""
         own = self._same_image(i)
         j = int(rng.integers(len(self) - len(own)))
-        return j + len(own) if j >= own.start else j
+        for k in own:  # ascending: each one at or below j shifts j past it
+            if k > j:
+                break
+            j += 1
+        return j
 
     def _random_other(self, i: int, purpose: int, draw: int) -> int:
         return self._draw_other(i, self._rng(i, purpose, draw))
@@ -261,6 +265,8 @@ def _parse_list(text: str, where: str, column: str) -> list:
 
 def _image_refs(values: Sequence[Any], n: int, where: str) -> Tuple[ImageRef, ...]:
     """Hard-negative images: ints are record indices (checked against n), strings are paths."""
+    if not isinstance(values, (list, tuple)):  # a string would be read as one path per character
+        raise ValueError(f"{where}: negative images must be a list of row indices or paths, got {values!r}")
     refs: List[ImageRef] = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, str)):
@@ -272,8 +278,8 @@ def _image_refs(values: Sequence[Any], n: int, where: str) -> Tuple[ImageRef, ..
 
 
 def _strings(values: Sequence[Any], where: str, what: str) -> Tuple[str, ...]:
-    if not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{where}: {what} must be strings")
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{where}: {what} must be a list of strings, got {values!r}")
     return tuple(values)
 
 
@@ -361,7 +367,7 @@ def _refexp_record(entry: Any, anns: List[dict], where: str) -> Record:
 
 def read_refexp_json(json_path: str) -> List[Record]:
     """Parse MDETR's refexp JSON; malformed entries name ``images[k]``. The records come grouped by
-    image (in the order of each image's first entry), so that ``_same_image`` knows them.
+    image (in the order of each image's first entry).
 
     ITM negatives (REC data has none): random expressions and images of other images. Not the
     expressions of the image's other objects: ITM matches the whole image, which they describe too.
