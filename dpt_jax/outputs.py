@@ -23,6 +23,9 @@ def check_out_dir(out_dir: str, overwrite: bool, keep: Sequence[str] = (), copie
         if out.startswith(path + os.sep):
             raise ValueError(f"output directory {out_dir} lies inside {path}, which the command copies into it: "
                              "pick another --out")
+    if os.path.islink(out_dir):  # replacing it at the end would fail after all the work
+        raise ValueError(f"output path {out_dir} is a symbolic link: pass the folder it points to, "
+                         f"{os.path.realpath(out_dir)}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"output path {out_dir} is a file")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:

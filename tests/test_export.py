@@ -294,6 +294,12 @@ def test_out_dir_errors(run_dir, base_dir, tmp_path):
     with pytest.raises(SystemExit, match="which the command reads"):
         cli.main(["dpt-jax", "export", "--checkpoint", run_dir, "--out", run_dir, "--overwrite"])
     assert os.path.isdir(os.path.join(run_dir, "checkpoints"))
+    # A link is refused before any work (its replacement at the end would fail: rmtree of a link).
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(SystemExit, match=f"{link} is a symbolic link: pass the folder it points to, {out}"):
+        cli.main(["dpt-jax", "export", "--checkpoint", run_dir, "--out", str(link), "--overwrite"])
+    assert os.listdir(out) == ["keep.txt"]
     # --merged copies the base model's folder: an --out inside it would be copied into itself.
     inside = os.path.join(base_dir, "exports", "merged")
     with pytest.raises(SystemExit, match="lies inside .*which the command copies into it"):
