@@ -115,7 +115,26 @@ def find_weight_file(folder: str, variant: Optional[str] = None) -> str:
                     if variant and not suffix:
                         logging.warning("%s has no %s weights: reading %s", folder, variant, name)
                     return path
-    raise WeightLoadError(f"no weight file in {folder}; looked for {', '.join(dict.fromkeys(tried))}")
+    others = _variants_in(folder)
+    if len(others) == 1:  # e.g. an fp16-only download: the command line has no variant to pass
+        (found, path), = others.items()
+        logging.warning("%s has no %s weights: reading the %s variant, %s", folder, variant or "plain", found,
+                        os.path.basename(path))
+        return path
+    hint = f"; it holds the variants {', '.join(sorted(others))}: pass variant=" if others else ""
+    raise WeightLoadError(f"no weight file in {folder}; looked for {', '.join(dict.fromkeys(tried))}{hint}")
+
+
+def _variants_in(folder: str) -> Dict[str, str]:
+    """Variant name -> the weight file :func:`find_weight_file` would read for it, in ``folder``."""
+    found: Dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        for stem, ext in WEIGHT_FILES:
+            match = (re.fullmatch(rf"{stem}\.(\w+)\.{ext}", name) or re.fullmatch(rf"{stem}\.{ext}\.index\.(\w+)\.json", name)
+                     or re.fullmatch(rf"{stem}\.(\w+)\.{ext}\.index\.json", name))
+            if match and match.group(1) not in found:
+                found[match.group(1)] = find_weight_file(folder, match.group(1))
+    return found
 
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:

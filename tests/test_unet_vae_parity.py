@@ -377,6 +377,15 @@ def test_a_variant_is_read_where_a_component_has_it_and_the_plain_weights_elsewh
     with caplog.at_level("WARNING"):
         assert find_weight_file(str(vae), "fp16") == str(vae / "diffusion_pytorch_model.safetensors")
     assert f"{vae} has no fp16 weights" in caplog.text
+    # Only variant files (an fp16-only download): the one variant is read, as the command line
+    # names none; two are named in the error.
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    with caplog.at_level("WARNING"):
+        assert find_weight_file(str(unet)) == str(unet / "diffusion_pytorch_model.fp16.safetensors")
+    assert f"{unet} has no plain weights: reading the fp16 variant" in caplog.text
+    (unet / "model.bf16.safetensors").write_bytes(b"")
+    with pytest.raises(WeightLoadError, match="it holds the variants bf16, fp16: pass variant="):
+        find_weight_file(str(unet))
 
 
 def test_an_inpainting_unet_is_refused_by_name(sd_dirs, tmp_path):
