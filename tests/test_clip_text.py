@@ -121,6 +121,7 @@ def test_tokenizer_ids_match_transformers(sd_dir):
     np.testing.assert_array_equal(ids, np.asarray(expected["input_ids"]))
     np.testing.assert_array_equal(tok.token_mask(PROMPTS), np.asarray(expected["attention_mask"], bool))
     assert (tok.model_max_length, tok.eos_token_id, tok.pad_token_id) == (77, ref.eos_token_id, ref.pad_token_id)
+    assert tok([]).shape == tok.token_mask(()).shape == (0, 77)  # an empty batch, as numpy slices one
 
 
 def test_tokenizer_truncates_long_prompt_with_warning(tmp_path, caplog):
