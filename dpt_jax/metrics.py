@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Dict
 
@@ -17,11 +18,14 @@ class MetricWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(path):
             kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-            with open(path, "w") as f:
+            # A new file renamed over the old: a failed write (a full disk) keeps the history.
+            with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(path + ".tmp", path)
         self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # TensorBoard hides the earlier sessions' events from this step on: the redone steps'.
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -39,5 +43,20 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of ``WORKDIR/metrics.jsonl``; a last line cut off mid-write (a killed run) is
+    dropped with a warning, any other bad line named."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not line.endswith("\n"):
+                logging.warning("%s: its last line was cut off mid-write; dropped", path)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON row ({e.msg})") from None
+    return rows
