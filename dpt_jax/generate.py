@@ -29,8 +29,12 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str
     if prompts_file:
         if not os.path.isfile(prompts_file):
             raise FileNotFoundError(f"prompt file {prompts_file} does not exist")
-        with open(prompts_file) as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        try:  # utf-8-sig: a byte-order mark would be part of the first prompt
+            with open(prompts_file, encoding="utf-8-sig") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {prompts_file} is not UTF-8 text (byte {e.object[e.start]:#x} at "
+                             f"offset {e.start})") from None
         if not prompts:
             raise ValueError(f"prompt file {prompts_file} holds no prompt (one per line expected)")
         return prompts
@@ -88,6 +92,9 @@ def load_sampling_models(checkpoint: Optional[str] = None, pretrained: Optional[
         from dpt_jax.lora import merge_lora
         from dpt_jax.train import load_trained
         run = load_trained(checkpoint)
+        if "adapter" not in run.params:
+            raise ValueError(f"checkpoint {checkpoint} holds no adapter (a dpt-jax pretrain stage?): sample from "
+                             "the model pretrain wrote with --pretrained DIR")
         unet_params = merge_lora(run.sd.unet_params, run.params["lora"], run.lora_spec) if run.params.get("lora") \
             else run.sd.unet_params
         return SamplingModels(run.sd, unet_params, run.adapter, run.params["adapter"], tuple(run.config.adapter.taps),
@@ -227,7 +234,11 @@ def generate_images(generator: "Generator", jobs: Sequence[Dict[str, Any]], out_
 
 
 def generate(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    from dpt_jax.sampler import check_seeds
+    from dpt_jax.sampler import SamplerConfig, check_seeds
+    for flag, value in (("--batch-size", args.batch_size), ("--images-per-prompt", args.images_per_prompt)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: expected 1 or more")
+    SamplerConfig(steps=args.steps, eta_sc=args.eta_sc, sc_start=args.sc_start, sc_end=args.sc_end)  # its checks
     prompts = read_prompts(args.prompt, args.prompts)
     count = len(prompts) * args.images_per_prompt
     # Before loading anything: image j of the run samples from seed --seed + j.

@@ -40,6 +40,12 @@ class SamplerConfig:
     sc_end: Optional[int] = None
     taps: Tuple[str, ...] = ("up1",)
 
+    def __post_init__(self) -> None:
+        start, end = self.sc_steps
+        if self.eta_sc and not 0 <= start < end <= self.steps:
+            raise ValueError(f"self-correction from step {start} to {end} (sc_start, sc_end) selects none of the "
+                             f"{self.steps} steps: expected 0 <= sc_start < sc_end <= steps")
+
     @property
     def sc_steps(self) -> Tuple[int, int]:
         """[start, end) of the self-correcting step indices, the end resolved (None: the last step)."""

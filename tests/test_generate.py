@@ -135,6 +135,33 @@ def test_seeds_outside_32_bits_are_refused_before_loading(tmp_path, monkeypatch)
         generate.generate(_args(tmp_path / "out", seed=2 ** 32 - 5))
 
 
+def test_bad_counts_ranges_and_prompt_files_are_refused_before_loading(tmp_path, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    monkeypatch.setattr(generate, "load_sampling_models", lambda checkpoint, pretrained: pytest.fail("loaded"))
+    for flags, message in [(["--batch-size", "0"], "--batch-size 0: expected 1 or more"),
+                           (["--images-per-prompt", "0"], "--images-per-prompt 0: expected 1 or more"),
+                           (["--self-correction", "0.5", "--sc-start", "5", "--sc-end", "3"],
+                            r"from step 5 to 3 .*selects none of the 2 steps"),
+                           (["--self-correction", "0.5", "--sc-end", "3"], r"from step 0 to 3 .*of the 2 steps")]:
+        with pytest.raises(ValueError, match=message):
+            generate.generate(_args(tmp_path / "out", flags=flags))
+    # A byte-order mark (Windows' editors) is not part of the first prompt; other encodings are named.
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red square\nun carré\n".encode("utf-8"))
+    assert generate.read_prompts(None, str(tmp_path / "bom.txt")) == ["a red square", "un carré"]
+    (tmp_path / "latin1.txt").write_bytes("un carré\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at offset 7\)"):
+        generate.read_prompts(None, str(tmp_path / "latin1.txt"))
+
+
+def test_a_checkpoint_without_an_adapter_is_named(monkeypatch):
+    import types
+    from dpt_jax import train
+    # A dpt-jax pretrain stage's workdir: a checkpoint of the U-Net alone.
+    monkeypatch.setattr(train, "load_trained", lambda checkpoint: types.SimpleNamespace(params={"unet": {}}))
+    with pytest.raises(ValueError, match="runs/pretrain holds no adapter .*--pretrained DIR"):
+        generate.load_sampling_models("runs/pretrain")
+
+
 class SeedImages:
     """A generator of 4 x 4 images filled with their seed, on no device (processes are faked)."""
     settings = {"steps": 1}
