@@ -12,6 +12,7 @@ arguments skips the shards already written (an interrupted run loses at most the
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Dict, List, Sequence
 
@@ -63,6 +64,18 @@ def source_description(config: ml_collections.ConfigDict, split: str) -> Dict[st
     return {"pretrained": config.pretrained, "split": split, "data": data}
 
 
+def _whole_shard(path: str) -> bool:
+    """Whether ``path`` holds a readable shard (headers only); a damaged one is written anew."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        precomputed.shard_index(path)
+    except ValueError as e:
+        logging.warning("%s: writing it anew", e)
+        return False
+    return True
+
+
 def precompute(config: ml_collections.ConfigDict, out: str, split: str = "train", shard_size: int = 512,
                batch_size: int = 16, dtype: str = "float16", limit: int = 0) -> str:
     """Write (or finish writing) the precompute directory ``out``; returns it."""
@@ -70,6 +83,9 @@ def precompute(config: ml_collections.ConfigDict, out: str, split: str = "train"
     from dpt_jax.train import make_dataset
     if dtype not in STORE_DTYPES:
         raise ValueError(f"--dtype={dtype!r}: expected one of {tuple(STORE_DTYPES)}")
+    for flag, value, least in (("--shard_size", shard_size, 1), ("--batch_size", batch_size, 1), ("--limit", limit, 0)):
+        if value < least:
+            raise ValueError(f"{flag}={value}: expected {least} or more" + (" (0: every sample)" if not least else ""))
     if shard_size % batch_size:
         raise ValueError(f"--shard_size={shard_size} must be a multiple of --batch_size={batch_size}")
     sd = load_pretrained(config.pretrained)
@@ -83,7 +99,7 @@ def precompute(config: ml_collections.ConfigDict, out: str, split: str = "train"
     store = STORE_DTYPES[dtype]
     mine = [k for k in range(precomputed.num_shards(num_samples, shard_size))
             if k % jax.process_count() == jax.process_index()]
-    todo = [k for k in mine if not os.path.isfile(precomputed.shard_path(out, k))]
+    todo = [k for k in mine if not _whole_shard(precomputed.shard_path(out, k))]
     work = []  # (shard, rows) of each batch to encode, in order: the next ones are read while one encodes
     for k in todo:
         rows = np.arange(k * shard_size, min((k + 1) * shard_size, num_samples))

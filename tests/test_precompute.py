@@ -157,7 +157,12 @@ def test_a_compressed_shard_is_refused_by_name(tmp_path):
 def test_an_interrupted_precompute_finishes_with_the_same_shards(latents_dir, tmp_path):
     out = str(tmp_path / "p")
     precompute(_config(), out, "train", shard_size=8, batch_size=4, dtype="float32")
-    os.remove(precomputed.shard_path(out, 1))  # as if the run died while writing shard 1
+    # Shard 2 cut short (copied in part, or an OS crash before the rename reached the disk)
+    with open(precomputed.shard_path(out, 2), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"shard-00002\.npz is not a whole shard \(100 bytes\): rerun"):
+        precomputed.PrecomputedDataset(out).batch([17])
+    os.remove(precomputed.shard_path(out, 1))  # and the run died while writing shard 1
     with pytest.raises(FileNotFoundError, match=r"shards \[1\] of 3 are missing"):
         precomputed.PrecomputedDataset(out)
     # Rerun with other thread and prefetch settings: they change how fast, not what, it reads.
@@ -170,6 +175,12 @@ def test_an_interrupted_precompute_finishes_with_the_same_shards(latents_dir, tm
                 np.testing.assert_array_equal(a[key], b[key])
     with pytest.raises(ValueError, match="shard_size"):
         precompute(_config(), out, "train", shard_size=4, batch_size=4, dtype="float32")
+    for sizes, message in [(dict(shard_size=0), "--shard_size=0: expected 1 or more"),
+                           (dict(batch_size=0), "--batch_size=0: expected 1 or more"),
+                           (dict(limit=-5), r"--limit=-5: expected 0 or more \(0: every sample\)")]:
+        with pytest.raises(ValueError, match=message):  # before anything is written
+            precompute(_config(), str(tmp_path / "bad"), "train", **{"shard_size": 8, "batch_size": 4, **sizes})
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_training_from_precomputed_latents_matches_training_from_images(latents_dir, tmp_path, stage="probe"):

@@ -92,14 +92,20 @@ def shard_index(path: str) -> Dict[str, Member]:
     Raises ValueError when the shard cannot be read in place (a compressed or Fortran-ordered
     member, an object dtype): a full load instead would quietly bring back reads of whole shards."""
     # Unbuffered: the headers are scattered, and a buffered file would read 8 KB around each.
-    with open(path, "rb", buffering=0) as f, zipfile.ZipFile(f) as z:
-        infos = {info.filename: info for info in z.infolist()}
-        index = {}
-        for key in ARRAY_KEYS:
-            info = infos.get(key + ".npy")
-            if info is None:
-                raise ValueError(f"{path}: member {key}.npy missing (expected {[k + '.npy' for k in ARRAY_KEYS]})")
-            index[key] = _member(f, info, path)
+    with open(path, "rb", buffering=0) as f:
+        try:
+            z = zipfile.ZipFile(f)
+        except zipfile.BadZipFile:  # cut short or damaged
+            raise ValueError(f"{path} is not a whole shard ({os.path.getsize(path)} bytes): rerun dpt-jax "
+                             "precompute with the same arguments, which writes it anew") from None
+        with z:
+            infos = {info.filename: info for info in z.infolist()}
+            index = {}
+            for key in ARRAY_KEYS:
+                info = infos.get(key + ".npy")
+                if info is None:
+                    raise ValueError(f"{path}: member {key}.npy missing (expected {[k + '.npy' for k in ARRAY_KEYS]})")
+                index[key] = _member(f, info, path)
     return index
 
 
