@@ -91,14 +91,15 @@ def load_sampling_models(checkpoint: Optional[str] = None, pretrained: Optional[
     if checkpoint:
         from dpt_jax.lora import merge_lora
         from dpt_jax.train import load_trained
-        run = load_trained(checkpoint)
+        source = model_source(checkpoint)  # the step folder: a save landing meanwhile changes nothing
+        run = load_trained(source)
         if "adapter" not in run.params:
             raise ValueError(f"checkpoint {checkpoint} holds no adapter (a dpt-jax pretrain stage?): sample from "
                              "the model pretrain wrote with --pretrained DIR")
         unet_params = merge_lora(run.sd.unet_params, run.params["lora"], run.lora_spec) if run.params.get("lora") \
             else run.sd.unet_params
         return SamplingModels(run.sd, unet_params, run.adapter, run.params["adapter"], tuple(run.config.adapter.taps),
-                              model_source(checkpoint))
+                              source)
     from dpt_jax.pipeline import load_pretrained
     sd = load_pretrained(pretrained)
     return SamplingModels(sd, sd.unet_params, source=model_source(pretrained=pretrained))

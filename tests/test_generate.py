@@ -158,8 +158,23 @@ def test_a_checkpoint_without_an_adapter_is_named(monkeypatch):
     from dpt_jax import train
     # A dpt-jax pretrain stage's workdir: a checkpoint of the U-Net alone.
     monkeypatch.setattr(train, "load_trained", lambda checkpoint: types.SimpleNamespace(params={"unet": {}}))
+    monkeypatch.setattr(generate, "model_source", lambda checkpoint: checkpoint + "/checkpoints/7")
     with pytest.raises(ValueError, match="runs/pretrain holds no adapter .*--pretrained DIR"):
         generate.load_sampling_models("runs/pretrain")
+
+
+def test_the_weights_come_from_the_step_the_manifest_names(monkeypatch):
+    import types
+    from dpt_jax import train
+    # The newest step is resolved once: a save landing while the model loads cannot make the
+    # manifest name another step than the one loaded.
+    loaded = []
+    steps = iter([4, 6])  # what a workdir's newest step is on each lookup
+    monkeypatch.setattr(generate, "model_source", lambda checkpoint: f"{checkpoint}/checkpoints/{next(steps)}")
+    run = types.SimpleNamespace(params={"adapter": {}}, sd=types.SimpleNamespace(unet_params={}), adapter=None,
+                                lora_spec=None, config=types.SimpleNamespace(adapter=types.SimpleNamespace(taps=["up1"])))
+    monkeypatch.setattr(train, "load_trained", lambda checkpoint: loaded.append(checkpoint) or run)
+    assert generate.load_sampling_models("runs/tune").source == loaded[0] == "runs/tune/checkpoints/4"
 
 
 class SeedImages:
