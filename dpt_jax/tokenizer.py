@@ -36,7 +36,8 @@ class Tokenizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:  # transformers' tokenizers fail on an empty batch (IndexError)
             empty = np.zeros((0, self.model_max_length), np.int32)
-            return {"input_ids": empty, "attention_mask": empty, "offset_mapping": np.zeros(empty.shape + (2,), np.int32)}
+            return {"input_ids": empty, "attention_mask": empty,
+                    "offset_mapping": np.zeros(empty.shape + (2,), np.int32)}
         enc = self.tokenizer(texts, padding="max_length", max_length=self.model_max_length,
                              truncation=True, return_offsets_mapping=offsets)
         full = self.tokenizer(texts, verbose=False)["input_ids"]

@@ -130,7 +130,8 @@ def _variants_in(folder: str) -> Dict[str, str]:
     found: Dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         for stem, ext in WEIGHT_FILES:
-            match = (re.fullmatch(rf"{stem}\.(\w+)\.{ext}", name) or re.fullmatch(rf"{stem}\.{ext}\.index\.(\w+)\.json", name)
+            match = (re.fullmatch(rf"{stem}\.(\w+)\.{ext}", name)
+                     or re.fullmatch(rf"{stem}\.{ext}\.index\.(\w+)\.json", name)
                      or re.fullmatch(rf"{stem}\.(\w+)\.{ext}\.index\.json", name))
             if match and match.group(1) not in found:
                 found[match.group(1)] = find_weight_file(folder, match.group(1))

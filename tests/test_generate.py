@@ -171,8 +171,9 @@ def test_the_weights_come_from_the_step_the_manifest_names(monkeypatch):
     loaded = []
     steps = iter([4, 6])  # what a workdir's newest step is on each lookup
     monkeypatch.setattr(generate, "model_source", lambda checkpoint: f"{checkpoint}/checkpoints/{next(steps)}")
+    config = types.SimpleNamespace(adapter=types.SimpleNamespace(taps=["up1"]))
     run = types.SimpleNamespace(params={"adapter": {}}, sd=types.SimpleNamespace(unet_params={}), adapter=None,
-                                lora_spec=None, config=types.SimpleNamespace(adapter=types.SimpleNamespace(taps=["up1"])))
+                                lora_spec=None, config=config)
     monkeypatch.setattr(train, "load_trained", lambda checkpoint: loaded.append(checkpoint) or run)
     assert generate.load_sampling_models("runs/tune").source == loaded[0] == "runs/tune/checkpoints/4"
 
