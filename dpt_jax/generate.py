@@ -62,7 +62,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--latent-size", type=int, default=None, help="default: the U-Net's sample_size")
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    for flag in ("batch_size", "images_per_prompt"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
+    return args
 
 
 @dataclasses.dataclass
@@ -237,9 +241,6 @@ def generate_images(generator: "Generator", jobs: Sequence[Dict[str, Any]], out_
 
 def generate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from dpt_jax.sampler import SamplerConfig, check_seeds
-    for flag, value in (("--batch-size", args.batch_size), ("--images-per-prompt", args.images_per_prompt)):
-        if value < 1:
-            raise ValueError(f"{flag} {value}: expected 1 or more")
     SamplerConfig(steps=args.steps, eta_sc=args.eta_sc, sc_start=args.sc_start, sc_end=args.sc_end)  # its checks
     prompts = read_prompts(args.prompt, args.prompts)
     count = len(prompts) * args.images_per_prompt

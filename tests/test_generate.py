@@ -135,12 +135,14 @@ def test_seeds_outside_32_bits_are_refused_before_loading(tmp_path, monkeypatch)
         generate.generate(_args(tmp_path / "out", seed=2 ** 32 - 5))
 
 
-def test_bad_counts_ranges_and_prompt_files_are_refused_before_loading(tmp_path, monkeypatch):
+def test_bad_counts_ranges_and_prompt_files_are_refused_before_loading(tmp_path, monkeypatch, capsys):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     monkeypatch.setattr(generate, "load_sampling_models", lambda checkpoint, pretrained: pytest.fail("loaded"))
-    for flags, message in [(["--batch-size", "0"], "--batch-size 0: expected 1 or more"),
-                           (["--images-per-prompt", "0"], "--images-per-prompt 0: expected 1 or more"),
-                           (["--self-correction", "0.5", "--sc-start", "5", "--sc-end", "3"],
+    for flag in ("--batch-size", "--images-per-prompt"):
+        with pytest.raises(SystemExit):
+            _args(tmp_path / "out", flags=[flag, "0"])
+        assert f"{flag} 0: expected >= 1" in capsys.readouterr().err
+    for flags, message in [(["--self-correction", "0.5", "--sc-start", "5", "--sc-end", "3"],
                             r"from step 5 to 3 .*selects none of the 2 steps"),
                            (["--self-correction", "0.5", "--sc-end", "3"], r"from step 0 to 3 .*of the 2 steps")]:
         with pytest.raises(ValueError, match=message):
