@@ -201,8 +201,9 @@ def generate_images(generator: "Generator", jobs: Sequence[Dict[str, Any]], out_
     and settings are kept and only the rest sampled, to the same pixels (an image depends on its
     prompt, seed and settings, not on its batch; at another ``batch_size`` XLA's kernels for the
     other shapes round otherwise: a pixel may differ by one level). Several processes all sample
-    (a batch spans their devices); process 0 writes. Returns the rows (on process 0; elsewhere those sampled in this
-    run) and the first ``keep_images`` images (uint8 [N, H, W, 3], the same on every process)."""
+    (a batch spans their devices); process 0 writes. Returns the rows (on process 0; elsewhere
+    those sampled in this run) and the first ``keep_images`` images (uint8 [N, H, W, 3], the same
+    on every process)."""
     import jax
     from PIL import Image
     from tqdm import tqdm
