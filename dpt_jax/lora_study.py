@@ -20,8 +20,9 @@ Measured (float32, default targets, rank 4; the U-Net's text width is the tiny e
 when the layers applied LoRA factored only:
 SD-2.1-base layout, 64x64 latent, batch 2 (x6 candidates), H200: temp 33478 MiB factored vs
 33897 MiB merged (+419 MiB: the dense W + AB copies and their gradients), 0.114 s per gradient
-both; compile 152 s vs 74 s. Width 128, 32x32, batch 2, 2 busy CPU cores: temp 785.1 vs
-786.7 MiB, ~2.1 s vs ~2.0 s (within the noise of a shared machine).
+both; compile 152 s vs 74 s. Width 128 (``tiny`` had four blocks then, now the builtin's two),
+32x32, batch 2, 2 busy CPU cores: temp 785.1 vs 786.7 MiB, ~2.1 s vs ~2.0 s (within the noise of
+a shared machine).
 
     python -m dpt_jax.lora_study [--width 128] [--latent 32] [--batch 2] [--repeats 3]
     python -m dpt_jax.lora_study --unet sd21 --latent 64 --batch 2      # SD-2.1-base layout (GPU)
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpt_jax import testing
+from dpt_jax import builtin_models, testing
 from dpt_jax.data import batches
 from dpt_jax.default_config import tiny
 from dpt_jax.lora import DEFAULT_TARGETS, LoraSpec, init_lora, merge_lora, target_modules
@@ -116,7 +117,8 @@ def unet_config(name: str, width: int, text_width: int) -> Dict[str, Any]:
     Cross-attention reads the builtin tiny text encoder, so attn2's to_k / to_v take ``text_width``
     inputs (1024 in the real SD-2.1)."""
     if name == "tiny":
-        return testing.tiny_unet_config("sd2", width, text_width)
+        blocks = builtin_models.ARCHS["tiny-random"]["unet_blocks"]
+        return testing.tiny_unet_config("sd2", width, text_width, blocks=blocks)
     if name == "sd21":
         return dict(testing.SD21_BASE_UNET, cross_attention_dim=text_width)
     raise ValueError(f"unknown U-Net {name!r}: expected 'tiny' or 'sd21'")
