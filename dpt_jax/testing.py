@@ -160,7 +160,8 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 
 
 def make_tiny_sd_dir(folder: str, style: str = "sd2", seed: int = 0, text_width: int = 32,
-                     unet_width: int = 32, vae_width: int = 16, prediction_type: str = "epsilon") -> str:
+                     unet_width: int = 32, vae_width: int = 16, prediction_type: str = "epsilon",
+                     unet_blocks: int = 4) -> str:
     """Build random diffusers/transformers modules and save a full pipeline directory."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -176,7 +177,7 @@ def make_tiny_sd_dir(folder: str, style: str = "sd2", seed: int = 0, text_width:
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=1 if style == "sd1" else 0,
         projection_dim=text_width)
     text_encoder = CLIPTextModel(text_config)
-    unet = UNet2DConditionModel(**tiny_unet_config(style, unet_width, text_width))
+    unet = UNet2DConditionModel(**tiny_unet_config(style, unet_width, text_width, blocks=unet_blocks))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
                         block_out_channels=(vae_width, 2 * vae_width), norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,

@@ -32,7 +32,9 @@ TOL = 1e-4  # float32 U-Net outputs of O(1): differences are summation-order rou
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    folder = make_tiny_sd_dir(str(tmp_path_factory.mktemp("sd2")), "sd2", seed=3)
+    # Two U-Net blocks (a cross-attention one and a plain one each way): the tune run's step
+    # compiles about twice as fast as with SD's four.
+    folder = make_tiny_sd_dir(str(tmp_path_factory.mktemp("sd2")), "sd2", seed=3, unet_blocks=2)
     # As in a hub snapshot of SD: single-file checkpoints of the base beside the components, which
     # a merged export must not copy (GBs of unmerged weights).
     for name in ("v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors"):
