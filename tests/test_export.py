@@ -253,8 +253,11 @@ def test_torch_adapter_reproduces_flax_itm_and_boxes(exported, run):
     z = jnp.asarray(initial_latents([3, 4], (16, 16, 4)))
     t = jnp.array([500, 500])
     _, taps = run.sd.unet_apply(z, t, hidden, taps=("up1",), eps=False)
-    out = run.adapter.apply({"params": run.params["adapter"]}, taps["up1"], t, deterministic=True)
-    score, boxes = np.asarray(itm_score(out["itm_embeds"], pooled)), np.asarray(out["pred_boxes"])
+    @jax.jit  # op by op the adapter compiled ~150 small programs
+    def flax_score_and_boxes(params, feats, pooled):
+        out = run.adapter.apply({"params": params}, feats, t, deterministic=True)
+        return itm_score(out["itm_embeds"], pooled), out["pred_boxes"]
+    score, boxes = (np.asarray(x) for x in flax_score_and_boxes(run.params["adapter"], taps["up1"], pooled))
     with torch.no_grad():
         tout = model(torch.from_numpy(np.asarray(taps["up1"]).transpose(0, 3, 1, 2).copy()), torch.tensor([500, 500]))
         tscore = torch_itm_score(tout["itm_embeds"], torch.from_numpy(np.array(pooled))).numpy()
