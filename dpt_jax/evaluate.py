@@ -51,7 +51,8 @@ def _per_sample(obj: Objective, trainable: Any, frozen: Any, batch: Dict[str, ja
 
 
 def centre_box_hits(gt_boxes: np.ndarray, size: np.ndarray) -> Dict[str, np.ndarray]:
-    """The baseline that always answers a centred box of the mean training size."""
+    """The baseline that always answers a centred box of size ``size`` (the evaluation passes the
+    mean size of the evaluated ground-truth boxes: a baseline that knows the split's box sizes)."""
     pred = np.broadcast_to(np.array([0.5, 0.5, size[0], size[1]], np.float32), gt_boxes.shape)
     hits = losses.rec_precision_at_1(boxes.box_cxcywh_to_xyxy(jnp.asarray(pred)),
                                      boxes.box_cxcywh_to_xyxy(jnp.asarray(gt_boxes)))
@@ -61,10 +62,20 @@ def centre_box_hits(gt_boxes: np.ndarray, size: np.ndarray) -> Dict[str, np.ndar
 def evaluate_discriminative(obj: Objective, trainable: Any, frozen: Any, dataset: Any, tokenizer: Any,
                             num_samples: int, batch_size: int, mesh: Optional[Any] = None, seed: int = 0,
                             draws: int = 1) -> Dict[str, Any]:
-    """ITM and REC over the first ``num_samples`` of ``dataset``; ``draws`` noise draws per text."""
+    """ITM and REC over the first ``num_samples`` of ``dataset``; ``draws`` noise draws per text.
+
+    ``batch_size`` is rounded up to a multiple of the mesh's batch shards (the last batch is padded
+    and trimmed anyway). The 95% intervals count samples, not draws: a sample's draws share its
+    image and texts, so they are not independent trials (the interval of a sample's mean hit).
+    Accuracies with no sample to count (REC on data without boxes) are None.
+    """
     mesh = mesh or parallel.make_mesh()
     fn = parallel.jit(functools.partial(_per_sample, obj), out_shardings=parallel.replicated(mesh))
     num_samples = min(num_samples, len(dataset))
+    if num_samples == 0:
+        raise ValueError("evaluation: the data set has no samples")
+    shards = parallel.num_batch_shards(mesh)
+    batch_size = -(-batch_size // shards) * shards
     sums: Dict[str, float] = {}
     gt = []
     starts = range(0, num_samples, batch_size)
@@ -86,14 +97,14 @@ def evaluate_discriminative(obj: Objective, trainable: Any, frozen: Any, dataset
                 sums[key] = sums.get(key, 0.0) + float(np.asarray(value)[:kept].sum())
             if draw == 0:
                 gt.append(gt_box[np.asarray(hits["has_rec"])[:kept] > 0])
-    n = num_samples * draws
-    n_rec = int(round(sums.pop("has_rec")))
+    n_rec = int(round(sums.pop("has_rec"))) // draws
     report: Dict[str, Any] = {"num_samples": num_samples, "draws": draws, "timestep": EVAL_TIMESTEP,
-                              "num_rec_samples": n_rec // draws}
+                              "num_rec_samples": n_rec}
     for key, total in sums.items():
-        denominator = n_rec if key.startswith("rec_") else n
-        report[key.replace("_hit", "_acc")] = total / denominator if denominator else float("nan")
-        report[key.replace("_hit", "_ci95")] = wilson_interval(total, denominator)
+        samples = n_rec if key.startswith("rec_") else num_samples
+        hits = total / draws  # the sum of each sample's mean hit over its draws
+        report[key.replace("_hit", "_acc")] = hits / samples if samples else None
+        report[key.replace("_hit", "_ci95")] = wilson_interval(hits, samples) if samples else None
     report["itm_overall_acc"] = (report["text_acc"] + report["image_acc"]) / 2
     if hasattr(dataset, "bad_images"):  # skipped unreadable images (replaced by the next good record)
         report["bad_images"] = dataset.bad_images

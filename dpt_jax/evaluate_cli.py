@@ -32,7 +32,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="directory for report.json (and t2i images)")
     p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE", help="config.data overrides (itm, rec)")
     p.add_argument("--splits", default="val", help="rec/itm: comma-separated splits; '{split}' in a path is "
-                                                   "replaced, and the tfds split is set to it")
+                                                   "replaced; tfds data read that tfds split ('val': the "
+                                                   "config's data.tfds_val_split)")
     p.add_argument("--num-samples", type=int, default=1_000_000, help="itm/rec: first N samples of each split")
     p.add_argument("--draws", type=int, default=1, help="itm/rec: noise draws per sample")
     p.add_argument("--batch-size", type=int, default=32)
@@ -125,10 +126,11 @@ def evaluate_discriminative_runs(args: argparse.Namespace) -> Dict[str, Any]:
     from dpt_jax.data.sources import make_dataset
     from dpt_jax.train import build_objective, load_trained
     report: Dict[str, Any] = {"task": args.task, "runs": {}}
-    for name, path in args.runs:
+    for name, path in args.runs:  # all named before the first run's minutes of evaluation
         if not _is_training_run(path):
             raise SystemExit(f"dpt-jax evaluate: --run {name}={path}: {args.task} needs a training run "
                              f"(an adapter); no checkpoint found there")
+    for name, path in args.runs:
         run = load_trained(path)
         obj = build_objective(run.config, run.sd)
         frozen = {k: v for k, v in run.sd.frozen_params().items() if k not in obj.trainable_names}
@@ -138,8 +140,22 @@ def evaluate_discriminative_runs(args: argparse.Namespace) -> Dict[str, Any]:
             per_split[split] = evaluate_discriminative(obj, run.params, frozen, dataset, run.sd.tokenizer,
                                                        args.num_samples, args.batch_size, seed=args.seed,
                                                        draws=args.draws)
+            if args.task == "rec" and not per_split[split]["num_rec_samples"]:
+                raise SystemExit(f"dpt-jax evaluate: --task rec: no sample of split {split!r} of --run "
+                                 f"{name} has a referring expression's box (data.name="
+                                 f"{run.config.data.name!r}); REC needs referring-expression data")
         report["runs"][name] = {"path": path, "step": run.step, "splits": per_split}
+        write_report(args.out, report)  # what is done survives a later run's failure
     return report
+
+
+def write_report(out: str, report: Dict[str, Any]) -> str:
+    """``out/report.json``, replaced whole (a temporary file renamed over it)."""
+    path = os.path.join(out, "report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def discriminative_table(report: Dict[str, Any]) -> List[Tuple[str, ...]]:
@@ -156,6 +172,8 @@ def discriminative_table(report: Dict[str, Any]) -> List[Tuple[str, ...]]:
 
 
 def _percent(r: Dict[str, Any], key: str) -> str:
+    if r[key] is None:  # nothing to count (REC on data without boxes)
+        return "n/a"
     ci = r.get(key.replace("_acc", "_ci95"))
     text = f"{100 * r[key]:.1f}%"
     return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
@@ -194,10 +212,9 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
     else:
         report = evaluate_discriminative_runs(args)
         table = discriminative_table(report)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    path = write_report(args.out, report)
     print(format_table(table))
     for line in report.get("skipped", []):
         print(f"skipped {line}")
-    print(f"report: {os.path.join(args.out, 'report.json')}")
+    print(f"report: {path}")
     return report

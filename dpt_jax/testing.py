@@ -226,3 +226,17 @@ def make_tiny_clip_dir(folder: str, width: int = 32, layers: int = 2, heads: int
                                    crop_size={"height": image_size, "width": image_size})
     processor.save_pretrained(folder)
     return folder
+
+
+def write_negclip_tsv(folder: str, images: int = 4) -> str:
+    """A NegCLIP hard-negative TSV (ITM data, no boxes) over ``images`` 32 px PNGs made in ``folder``."""
+    from PIL import Image
+    os.makedirs(folder)
+    rows = ["\ttitle\tfilepath\tneg_caption\tneg_image"]
+    for k in range(images):
+        Image.new("RGB", (32, 32), (60 * k, 0, 0)).save(os.path.join(folder, f"{k}.png"))
+        rows.append(f"{k}\tcaption {k}\t{k}.png\t{[f'neg {k}']!r}\t{[(k + 1) % images]!r}")
+    path = os.path.join(folder, "train.tsv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return path

@@ -12,7 +12,7 @@ from dpt_jax.clip_score import load_clip
 from dpt_jax.data import prompts
 from dpt_jax.evaluate import rec_hits, wilson_interval
 from dpt_jax.losses import itm_pairwise_hits
-from dpt_jax.testing import make_tiny_clip_dir
+from dpt_jax.testing import make_tiny_clip_dir, write_negclip_tsv
 from dpt_jax.train import train
 from dpt_jax.default_config import tiny
 
@@ -126,6 +126,8 @@ def test_evaluate_itm_and_rec_report_side_by_side(probe_run, tmp_path, capsys):
     assert r["num_samples"] == 10 and r["draws"] == 2 and r["timestep"] == 500
     for key in ("text_acc", "image_acc"):
         assert r[key] * 20 == pytest.approx(round(r[key] * 20))  # whole hits over 10 samples x 2 draws
+        # A sample's two draws share its image and texts: the interval counts 10 samples, not 20 trials.
+        assert r[key.replace("_acc", "_ci95")] == pytest.approx(wilson_interval(10 * r[key], 10))
     assert r["itm_overall_acc"] == pytest.approx((r["text_acc"] + r["image_acc"]) / 2)
     assert report["runs"]["a"]["splits"] == report["runs"]["b"]["splits"]  # same run, same noise
     assert json.load(open(os.path.join(out, "report.json")))["runs"]["a"]["step"] == 2
@@ -136,12 +138,55 @@ def test_evaluate_itm_and_rec_report_side_by_side(probe_run, tmp_path, capsys):
     assert rec["num_rec_samples"] == 8 and 0.0 <= rec["rec_iou_acc"] <= 1.0
 
 
-def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path, capsys):
+def test_itm_on_data_without_boxes_reports_no_rec_and_rec_is_refused(probe_run, tmp_path, monkeypatch):
+    from dpt_jax import evaluate
+    data = ["--data", "name=negclip_tsv", f"val_path={write_negclip_tsv(str(tmp_path / 'tsv'))}",
+            f"image_root={tmp_path / 'tsv'}"]
+    out = tmp_path / "itm"
+    r = evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--batch-size", "8", "--out", str(out),
+                           *data])["runs"]["a"]["splits"]["val"]
+    assert r["num_samples"] == 4 and r["num_rec_samples"] == 0
+    assert r["rec_iou_acc"] is None and r["rec_iou_ci95"] is None and 0 <= r["text_acc"] <= 1
+
+    def no_nan(constant):
+        raise AssertionError(f"report.json holds {constant}, which strict JSON parsers refuse")
+    assert json.loads((out / "report.json").read_text(), parse_constant=no_nan)["runs"]["a"]["step"] == 2
+    with pytest.raises(SystemExit, match=r"--task rec: no sample of split 'val' of --run a has a referring"):
+        evaluate_cli.main(["--task", "rec", "--run", f"a={probe_run}", "--out", str(tmp_path / "rec"), *data])
+    # A run that fails later leaves the runs done before it in report.json.
+    original, calls = evaluate.evaluate_discriminative, []
+
+    def fails_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("unreadable images")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "evaluate_discriminative", fails_second_run)
+    with pytest.raises(RuntimeError, match="unreadable images"):
+        evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--run", f"b={probe_run}", "--batch-size",
+                           "8", "--out", str(tmp_path / "partial"), *data])
+    assert list(json.loads((tmp_path / "partial" / "report.json").read_text())["runs"]) == ["a"]
+
+
+def test_an_empty_data_set_is_named():
+    from dpt_jax.evaluate import evaluate_discriminative
+    with pytest.raises(ValueError, match="the data set has no samples"):
+        evaluate_discriminative(None, None, None, [], None, num_samples=8, batch_size=8)
+
+
+def test_evaluate_rejects_bad_runs_and_data_keys(probe_run, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--num-samples", "0", "--out", str(tmp_path)])
     assert "--num-samples 0: expected >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs a training run"):
         evaluate_cli.main(["--task", "itm", "--run", "base=builtin:tiny-random", "--out", str(tmp_path)])
+    # Every run is checked before the first one loads (and evaluates for minutes).
+    from dpt_jax import train as train_module
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "load_trained", lambda path: pytest.fail("a run loaded before all were checked"))
+        with pytest.raises(SystemExit, match="--run base=builtin:tiny-random: itm needs a training run"):
+            evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--run", "base=builtin:tiny-random",
+                               "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown key"):
         evaluate_cli.main(["--task", "itm", "--run", f"a={probe_run}", "--data", "colour=red", "--out",
                            str(tmp_path)])

@@ -18,7 +18,7 @@ from dpt_jax.metrics import read_metrics
 from dpt_jax.pipeline import load_pretrained
 from dpt_jax.train import (STAGES, Trainer, build_objective, check_config, check_steps_per_call, load_trained,
                            make_dataset, train)
-from dpt_jax.testing import cpu_process_env, row_moves, with_hlo_dump
+from dpt_jax.testing import cpu_process_env, row_moves, with_hlo_dump, write_negclip_tsv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -277,20 +277,9 @@ def test_a_resume_or_init_from_of_other_shapes_is_refused_by_name_and_keeps_conf
     assert not os.path.exists(tmp_path / "tune" / "checkpoints")
 
 
-def _negclip_tsv(folder):
-    from PIL import Image
-    folder.mkdir()
-    rows = ["\ttitle\tfilepath\tneg_caption\tneg_image"]
-    for k in range(4):
-        Image.new("RGB", (32, 32), (60 * k, 0, 0)).save(folder / f"{k}.png")
-        rows.append(f"{k}\tcaption {k}\t{k}.png\t{[f'neg {k}']!r}\t{[(k + 1) % 4]!r}")
-    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
-    return str(folder / "train.tsv")
-
-
 def test_a_run_without_evaluation_needs_no_val_split(tmp_path):
     c = _small("probe")  # eval_every=0
-    c.data.update(name="negclip_tsv", path=_negclip_tsv(tmp_path / "data"), image_root=str(tmp_path / "data"))
+    c.data.update(name="negclip_tsv", path=write_negclip_tsv(str(tmp_path / "data")), image_root=str(tmp_path / "data"))
     trainer = Trainer(c, str(tmp_path / "run"))
     assert trainer.val_data is None and len(trainer.train_data) == 4
 
