@@ -279,7 +279,8 @@ def test_a_resume_or_init_from_of_other_shapes_is_refused_by_name_and_keeps_conf
 
 def test_a_run_without_evaluation_needs_no_val_split(tmp_path):
     c = _small("probe")  # eval_every=0
-    c.data.update(name="negclip_tsv", path=write_negclip_tsv(str(tmp_path / "data")), image_root=str(tmp_path / "data"))
+    data = str(tmp_path / "data")
+    c.data.update(name="negclip_tsv", path=write_negclip_tsv(data), image_root=data)
     trainer = Trainer(c, str(tmp_path / "run"))
     assert trainer.val_data is None and len(trainer.train_data) == 4
 

@@ -42,7 +42,8 @@ def _max_err(a, b) -> float:
 
 
 def _max_rel_err_tree(a, b) -> float:
-    """The largest leaf error relative to that leaf's largest element (NumPy: no compile a leaf shape)."""
+    """The largest leaf error relative to that leaf's largest element (in NumPy: jnp compiles a
+    program for each leaf shape)."""
     return max(_max_err(x, y) / float(np.abs(y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
