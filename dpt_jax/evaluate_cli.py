@@ -22,6 +22,8 @@ import json
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
+from dpt_jax.outputs import write_whole
+
 TASKS = ("itm", "rec", "t2i")
 
 
@@ -150,12 +152,8 @@ def evaluate_discriminative_runs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def write_report(out: str, report: Dict[str, Any]) -> str:
-    """``out/report.json``, replaced whole (a temporary file renamed over it)."""
-    path = os.path.join(out, "report.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
+    """``out/report.json``, replaced whole."""
+    return write_whole(os.path.join(out, "report.json"), json.dumps(report, indent=2))
 
 
 def discriminative_table(report: Dict[str, Any]) -> List[Tuple[str, ...]]:

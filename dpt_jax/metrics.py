@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Dict
 
+from dpt_jax.outputs import write_whole
+
 
 class MetricWriter:
     """Appends to the run's metrics; on resume, rows logged after the restored step (work that
@@ -18,10 +20,8 @@ class MetricWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(path):
             kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-            # A new file renamed over the old: a failed write (a full disk) keeps the history.
-            with open(path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(path + ".tmp", path)
+            # Replaced whole: a failed write (a full disk) keeps the history.
+            write_whole(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
         # TensorBoard hides the earlier sessions' events from this step on: the redone steps'.

@@ -1,11 +1,20 @@
 """Output directories of the commands that write one (``export``, ``pretrain``): refused before
-any work when something is in the way, and replaced whole at the end."""
+any work when something is in the way, and replaced whole at the end; files replaced whole."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 from typing import Iterator, Sequence
+
+
+def write_whole(path: str, text: str) -> str:
+    """``path`` holding ``text``, written beside it and renamed over it: a failed or interrupted
+    write (a full disk, a kill) leaves the file as it was."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def check_out_dir(out_dir: str, overwrite: bool, keep: Sequence[str] = (), copied: Sequence[str] = ()) -> None:

@@ -37,6 +37,7 @@ from dpt_jax.lora import LoraSpec, init_lora
 from dpt_jax.metrics import MetricWriter
 from dpt_jax.models.adapter import DiscriminativeAdapter
 from dpt_jax.objective import AutoencoderObjective, DenoisingObjective, Objective
+from dpt_jax.outputs import write_whole
 from dpt_jax.packing import SMALL_LEAF, Packed, PackLayout
 from dpt_jax.pipeline import StableDiffusion, load_pretrained
 from dpt_jax.weights import _flatten
@@ -559,10 +560,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """``WORKDIR/config.json``, from which :func:`load_trained` rebuilds the run: written once the
     state is restored or initialised, so that a resume that fails (another adapter shape) leaves
     the config of the workdir's checkpoints, and whole (a temporary file renamed over it)."""
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    write_whole(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:

@@ -33,6 +33,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dpt_jax.outputs import write_whole
+
 META = "meta.json"
 ARRAY_KEYS = ("latents", "hidden", "pooled", "expression_box", "expression_positive", "expression_token_mask",
               "has_rec")
@@ -58,10 +60,7 @@ def write_shard(directory: str, shard: int, arrays: Dict[str, np.ndarray]) -> No
 
 
 def write_meta(directory: str, meta: Dict[str, Any]) -> None:
-    tmp = os.path.join(directory, META + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(directory, META))
+    write_whole(os.path.join(directory, META), json.dumps(meta, indent=2))
 
 
 def read_meta(directory: str) -> Dict[str, Any]:
